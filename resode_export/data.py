@@ -1,0 +1,122 @@
+"""Data sets that need no download: scikit-learn's digits and Fashion-MNIST's local IDX files.
+
+Each comes with a fixed train/test split and a recorded preprocessing, so a checkpoint can
+name its data set and every command re-creates the same test split.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import ResodeError
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+DATASETS = ("digits", "fashion-mnist")
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: Tensor  # (N, *in_shape) float32
+    y_train: Tensor  # (N,) int64
+    x_test: Tensor
+    y_test: Tensor
+    preprocessing: str
+    split: str
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.y_train.max(), self.y_test.max())) + 1
+
+    def describe(self) -> dict:
+        return {"name": self.name, "split": self.split, "preprocessing": self.preprocessing,
+                "train_size": len(self.y_train), "test_size": len(self.y_test)}
+
+
+def digits() -> Dataset:
+    """scikit-learn's 8×8 digits (1797 images), flattened to 64 features in [0, 1]."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    xtr, xte, ytr, yte = train_test_split(x / 16.0, y, test_size=0.25, random_state=0, stratify=y)
+    as_x = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    as_y = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
+    return Dataset("digits", as_x(xtr), as_y(ytr), as_x(xte), as_y(yte),
+                   preprocessing="pixels / 16 (range [0, 1]), flattened to 64 features",
+                   split="sklearn train_test_split(test_size=0.25, random_state=0, stratify=y): 1347 train, 450 test")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+        ndim = raw[3]
+        dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    except (OSError, ValueError, IndexError, EOFError) as exc:
+        raise ResodeError(f"cannot read IDX file {str(path)!r}: {exc}") from None
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise ResodeError(f"{str(folder)!r} has no {stem}[.gz]; give a folder with the four Fashion-MNIST IDX files")
+
+
+def fashion_mnist(folder: str | os.PathLike | None = None) -> Dataset:
+    """Fashion-MNIST from local IDX files (Debian's ``dataset-fashion-mnist``, or ``folder``).
+
+    The official split (60 000 train, 10 000 test); pixels / 255, standardized, shape (1, 28, 28).
+    """
+    if folder is None:
+        candidates = [os.environ.get("RESODE_FASHION_MNIST"), *FASHION_MNIST_DIRS]
+        found = [Path(c) for c in candidates if c and Path(c).is_dir()]
+        if not found:
+            raise ResodeError("Fashion-MNIST not found; install it with `apt-get install dataset-fashion-mnist` "
+                              "or set RESODE_FASHION_MNIST to a folder with its IDX files")
+        folder = found[0]
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ResodeError(f"data folder {str(folder)!r} does not exist")
+
+    def images(stem):
+        x = _read_idx(_find_idx(folder, stem)).astype(np.float32) / 255.0
+        return torch.from_numpy((x - FASHION_MEAN) / FASHION_STD).unsqueeze(1)
+
+    def labels(stem):
+        return torch.from_numpy(_read_idx(_find_idx(folder, stem)).astype(np.int64))
+
+    ds = Dataset("fashion-mnist" if str(folder) in FASHION_MNIST_DIRS else str(folder),
+                 images("train-images-idx3-ubyte"), labels("train-labels-idx1-ubyte"),
+                 images("t10k-images-idx3-ubyte"), labels("t10k-labels-idx1-ubyte"),
+                 preprocessing=f"pixels / 255, then (x - {FASHION_MEAN}) / {FASHION_STD}; shape (1, 28, 28)",
+                 split="official: 60000 train (train-*), 10000 test (t10k-*)")
+    if len(ds.x_train) != len(ds.y_train) or len(ds.x_test) != len(ds.y_test):
+        raise ResodeError(f"IDX files in {str(folder)!r} disagree on the number of samples")
+    return ds
+
+
+def load_data(name: str) -> Dataset:
+    """``digits``, ``fashion-mnist``, or a folder holding MNIST-style IDX files."""
+    if name == "digits":
+        return digits()
+    if name == "fashion-mnist":
+        return fashion_mnist()
+    if Path(name).is_dir():
+        return fashion_mnist(name)
+    raise ResodeError(f"unknown data set {name!r}; use one of {', '.join(DATASETS)} or a folder of IDX files")

@@ -1,0 +1,222 @@
+"""ODE blocks and ODENets: stem → stages (ODE block, transition) → head.
+
+An ODE block integrates dx/dt = f(x, θ(t)) on [0, 1] with a field f, a curve θ, a depth M and
+a scheme. With K = M knots and ``euler`` it *is* the ResNet x_{n+1} = x_n + (1/M) f(x_n, θ_n)
+(Sander et al. 2022); :meth:`ODENet.discretize` re-solves the same curve at any depth with any
+scheme and interpolation.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+from torch import Tensor, nn
+
+from .curves import INTERPOLATIONS, Curve
+from .errors import ResodeError, check_choice
+from .fields import ACTIVATIONS, ConvField, Field, LinearField, MLPField
+from .schemes import SCHEMES, solve, stage_grid
+
+MAX_DEPTH = 65536
+ARCHS = ("mlp", "conv")
+INITS = ("smooth", "iid")
+
+
+def check_depth(depth: int) -> int:
+    if not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
+        raise ResodeError(f"depth must be an integer from 1 to {MAX_DEPTH}, got {depth!r}")
+    return depth
+
+
+class ODEBlock(nn.Module):
+    """One stage: integrates the field from t = 0 to 1 in ``depth`` steps of ``scheme``.
+
+    Args:
+        field: the residual function family (owns no parameters).
+        curve: the weights θ(t); its knots are this block's parameters.
+        depth: number of steps M (step size 1/M).
+        scheme: a key of ``SCHEMES``.
+    """
+
+    def __init__(self, field: Field, curve: Curve, depth: int, scheme: str):
+        super().__init__()
+        self.field = field
+        self.curve = curve
+        self.depth = check_depth(depth)
+        self.scheme = check_choice("scheme", scheme, SCHEMES)
+
+    def stage_params(self) -> dict[str, Tensor]:
+        """θ at every stage time of the solve: name → (U, *shape) (see ``stage_grid``)."""
+        times, _ = stage_grid(self.scheme, self.depth)
+        return self.curve.sample(times)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return solve(self.field, x, self.stage_params(), self.scheme, self.depth)
+
+    def extra_repr(self) -> str:
+        return f"field={self.field}, depth={self.depth}, scheme={self.scheme!r}, interp={self.curve.interp!r}"
+
+
+@dataclass
+class ODENetConfig:
+    """Everything needed to rebuild an ODENet; stored in every checkpoint."""
+
+    arch: str = "mlp"  # "mlp": vectors in, two-layer-perceptron fields; "conv": images, conv fields
+    in_shape: tuple[int, ...] = (64,)  # (features,) or (channels, height, width)
+    num_classes: int = 10
+    widths: tuple[int, ...] = (32,)  # state width (mlp) or channels (conv) of each stage
+    depths: tuple[int, ...] = (32,)  # steps of each ODE block
+    knots: tuple[int, ...] | None = None  # knots of each stage's curve (default: its depth)
+    hidden: int = 64  # hidden width of the perceptron field
+    field: str | None = None  # override the arch's field ("linear" for mlp)
+    activation: str = "gelu"
+    groups: int = 8  # GroupNorm groups in conv fields and head
+    stem_stride: int = 1  # conv stem stride
+    scheme: str = "euler"
+    interp: str = "linear"
+    n_basis: int | None = None  # B-splines of the "smooth" interpolation
+
+    def __post_init__(self):
+        for name in ("in_shape", "widths", "depths", "knots"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, tuple(int(v) for v in value))
+        check_choice("arch", self.arch, dict.fromkeys(ARCHS))
+        check_choice("scheme", self.scheme, SCHEMES)
+        check_choice("interpolation", self.interp, INTERPOLATIONS)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        if self.knots is None:
+            self.knots = self.depths
+        if not len(self.widths) == len(self.depths) == len(self.knots) >= 1:
+            raise ResodeError("widths, depths and knots need one entry per stage")
+        for d in self.depths:
+            check_depth(d)
+        expected = 1 if self.arch == "mlp" else 3
+        if len(self.in_shape) != expected:
+            raise ResodeError(f"arch {self.arch!r} needs in_shape of length {expected}, got {self.in_shape}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ODENetConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ResodeError(f"unknown config keys {sorted(unknown)}")
+        return cls(**data)
+
+
+def _make_field(config: ODENetConfig, width: int) -> Field:
+    kind = config.field or config.arch
+    if kind == "mlp":
+        return MLPField(width, config.hidden, config.activation)
+    if kind == "conv":
+        return ConvField(width, config.groups, config.activation)
+    if kind == "linear":
+        return LinearField(width)
+    raise ResodeError(f"unknown field {kind!r}; valid fields are: mlp, conv, linear")
+
+
+def _init_knots(field: Field, num_knots: int, init: str, generator: torch.Generator) -> dict[str, Tensor]:
+    if init == "smooth":  # tied weights: one draw copied to every knot (Marion et al. 2024)
+        one = field.init(generator)
+        return {k: v.expand(num_knots, *v.shape).clone() for k, v in one.items()}
+    if init == "iid":
+        draws = [field.init(generator) for _ in range(num_knots)]
+        return {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
+    raise ResodeError(f"unknown init {init!r}; valid inits are: {', '.join(INITS)}")
+
+
+class ODENet(nn.Module):
+    """stem → [ODE block → transition] × stages → head, built from an :class:`ODENetConfig`.
+
+    Args:
+        config: the architecture.
+        init: ``smooth`` (tied weights, zero output layer) or ``iid`` (an independent draw per knot).
+        seed: seed of the initialization.
+    """
+
+    def __init__(self, config: ODENetConfig, init: str = "smooth", seed: int = 0):
+        super().__init__()
+        self.config = config
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # the torch.nn layers below
+        w = config.widths
+        act = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}[config.activation]
+        if config.arch == "mlp":
+            self.stem = nn.Linear(config.in_shape[0], w[0])
+            self.transitions = nn.ModuleList(nn.Linear(a, b) for a, b in zip(w[:-1], w[1:]))
+            self.head = nn.Linear(w[-1], config.num_classes)
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(config.in_shape[0], w[0], 3, stride=config.stem_stride, padding=1), act()
+            )
+            self.transitions = nn.ModuleList(
+                nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(w[:-1], w[1:])
+            )
+            self.head = nn.Sequential(
+                nn.GroupNorm(config.groups, w[-1]), act(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.Linear(w[-1], config.num_classes),
+            )
+        blocks = []
+        for width, depth, num_knots in zip(w, config.depths, config.knots):
+            f = _make_field(config, width)
+            knots = {k: v.float() for k, v in _init_knots(f, num_knots, init, gen).items()}
+            blocks.append(ODEBlock(f, Curve(knots, config.interp, config.n_basis), depth, config.scheme))
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, *in_shape) → logits (B, num_classes)."""
+        x = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i < len(self.transitions):
+                x = self.transitions[i](x)
+        return self.head(x)
+
+    def discretize(
+        self,
+        depth: int | tuple[int, ...] | None = None,
+        scheme: str | None = None,
+        interp: str | None = None,
+        n_basis: int | None = None,
+    ) -> ODENet:
+        """A copy that solves the same curves with another depth, scheme or interpolation.
+
+        Args:
+            depth: steps of every block, or one per stage; None keeps each block's own.
+            scheme: a key of ``SCHEMES``; None keeps the model's.
+            interp: a key of ``INTERPOLATIONS``; None keeps the model's.
+        Returns:
+            a new ODENet (the knots are copied, the source is untouched).
+        """
+        cfg = self.config
+        if depth is None:
+            depths = cfg.depths
+        elif isinstance(depth, int):
+            depths = (depth,) * len(self.blocks)
+        else:
+            depths = tuple(depth)
+            if len(depths) != len(self.blocks):
+                raise ResodeError(f"got {len(depths)} depths for a model with {len(self.blocks)} stages")
+        new_cfg = replace(
+            cfg,
+            depths=depths,
+            scheme=scheme or cfg.scheme,
+            interp=interp or cfg.interp,
+            n_basis=n_basis if n_basis is not None else (cfg.n_basis if interp in (None, cfg.interp) else None),
+        )
+        new = copy.deepcopy(self)
+        new.config = new_cfg
+        for block, d in zip(new.blocks, depths):
+            block.depth = check_depth(d)
+            block.scheme = check_choice("scheme", new_cfg.scheme, SCHEMES)
+            block.curve.interp = check_choice("interpolation", new_cfg.interp, INTERPOLATIONS)
+            block.curve.n_basis = new_cfg.n_basis
+        return new
+
+
+__all__ = ["MAX_DEPTH", "ODEBlock", "ODENet", "ODENetConfig", "check_depth"]
