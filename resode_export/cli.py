@@ -14,7 +14,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -31,6 +30,8 @@ InterpName = Enum("InterpName", {k: k for k in INTERPOLATIONS}, type=str)
 ArchName = Enum("ArchName", {k: k for k in ARCHS}, type=str)
 InitName = Enum("InitName", {k: k for k in INITS}, type=str)
 DeviceName = Enum("DeviceName", {k: k for k in ("auto", "cpu", "cuda")}, type=str)
+
+_invocation: list[str] = []  # the arguments main() was given, recorded in model cards
 
 app = typer.Typer(
     help="Turn deep ResNets into continuous-depth models (neural ODEs) and back.",
@@ -86,7 +87,7 @@ def convert(
     interp: Annotated[Optional[InterpName], typer.Option(
         help="How weights are interpolated in depth. Default: the model's.")] = None,
     n_basis: Annotated[Optional[int], typer.Option(
-        min=1, help="B-splines of --interp smooth (fewer than the knots). Default: a quarter of the knots.")] = None,
+        min=1, help="B-splines of --interp smooth (fewer than the knots). Default: √(knots), rounded up.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the converted checkpoint here.")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Measure on the first N test samples only.")] = None,
     as_json: JsonOpt = False,
@@ -175,7 +176,7 @@ def train(
         stem_stride=stem_stride,
     )
     model, record = run_training(config, dataset, epochs, batch_size, lr, device.value, seed, init.value)
-    record["training"]["command"] = "resode " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "resode train"
+    record["training"]["command"] = "resode " + shlex.join(_invocation)
     save_checkpoint(out, model, record)
     card = write_model_card(out, model, record)
     result = {"out": str(out), "card": str(card), "test_accuracy": record["metrics"]["test_accuracy"],
@@ -191,24 +192,24 @@ def train(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every error into one line on stderr and an exit code."""
+    global _invocation
     args = sys.argv[1:] if argv is None else list(argv)
+    _invocation = args
     try:
         code = app(args=args or ["--help"], prog_name="resode", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except click.ClickException as exc:  # usage errors: bad option values, missing arguments
-        print(f"error: {exc.format_message()}", file=sys.stderr)
-        code = 2
     except ResodeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
-    except click.exceptions.Abort:
-        print("error: aborted", file=sys.stderr)
-        code = 130
-    except KeyboardInterrupt:
+    except (typer.Abort, KeyboardInterrupt):
         print("error: interrupted", file=sys.stderr)
         code = 130
     except Exception as exc:  # noqa: BLE001 - the boundary: no traceback for users
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        code = 1
+        if hasattr(exc, "format_message"):  # click's usage errors (typer may vendor its own click)
+            print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+            code = 2
+        else:
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            code = 1
     sys.exit(code if isinstance(code, int) else 0)

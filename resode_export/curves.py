@@ -14,7 +14,7 @@ Interpolations (``INTERPOLATIONS``):
   natural spline it reproduces every cubic polynomial exactly. K = 3 gives the
   interpolating parabola, K ≤ 2 falls back to ``linear``.
 - ``smooth``: least-squares fit of the knots on J < K clamped uniform cubic B-splines
-  (J = ``n_basis``, default ⌈K/4⌉), for ResNets whose weights are rough in depth. It does
+  (J = ``n_basis``, default ⌈√K⌉), for ResNets whose weights are rough in depth. It does
   not pass through the knots.
 """
 
@@ -116,7 +116,7 @@ def bspline_basis(ts: np.ndarray, num_basis: int) -> np.ndarray:
 
 
 def default_num_basis(num_knots: int) -> int:
-    return max(1, min(num_knots - 1, math.ceil(num_knots / 4)))
+    return max(1, min(num_knots - 1, math.ceil(math.sqrt(num_knots))))
 
 
 def _smooth(u: np.ndarray, num_knots: int, num_basis: int | None = None) -> np.ndarray:
@@ -138,7 +138,7 @@ class Curve(nn.Module):
     Args:
         knots: name → tensor (K, *shape), the weights of a depth-K ResNet, step by step.
         interp: a key of ``INTERPOLATIONS``.
-        n_basis: number of B-splines for ``smooth`` (default ⌈K/4⌉).
+        n_basis: number of B-splines for ``smooth`` (default ⌈√K⌉).
     """
 
     def __init__(self, knots: dict[str, Tensor], interp: str = "linear", n_basis: int | None = None):
@@ -150,6 +150,8 @@ class Curve(nn.Module):
         self.knots = nn.ParameterDict({k: nn.Parameter(v) for k, v in knots.items()})
         self.interp = interp
         self.n_basis = n_basis
+        if interp == "smooth" and n_basis is not None and not 1 <= n_basis < max(2, self.num_knots):
+            raise ResodeError(f"smooth interpolation needs 1 <= n_basis < {self.num_knots} knots, got {n_basis}")
 
     @property
     def num_knots(self) -> int:
@@ -184,7 +186,7 @@ def roughness(samples: dict[str, Tensor]) -> float:
     a smooth curve (it tends to max‖θ'‖ / max‖θ‖) and grows like N for i.i.d. weights. 0 for
     tied weights.
     """
-    flat = torch.cat([v.reshape(v.shape[0], -1) for v in samples.values()], dim=1).double()
+    flat = torch.cat([v.detach().reshape(v.shape[0], -1) for v in samples.values()], dim=1).double()
     n = flat.shape[0]
     if n < 2:
         return 0.0

@@ -14,7 +14,7 @@ def progress_bar(disable: bool = False) -> Progress:
     """A rich progress bar on stderr (stdout stays free for tables and JSON)."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=stderr, transient=True, disable=disable,
+        console=stderr, transient=True, disable=disable or not stderr.is_terminal,
     )
 
 

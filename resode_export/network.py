@@ -211,11 +211,10 @@ class ODENet(nn.Module):
         )
         new = copy.deepcopy(self)
         new.config = new_cfg
-        for block, d in zip(new.blocks, depths):
-            block.depth = check_depth(d)
-            block.scheme = check_choice("scheme", new_cfg.scheme, SCHEMES)
-            block.curve.interp = check_choice("interpolation", new_cfg.interp, INTERPOLATIONS)
-            block.curve.n_basis = new_cfg.n_basis
+        new.blocks = nn.ModuleList(
+            ODEBlock(b.field, Curve(dict(b.curve.knots.items()), new_cfg.interp, new_cfg.n_basis), d, new_cfg.scheme)
+            for b, d in zip(new.blocks, depths)
+        )
         return new
 
 

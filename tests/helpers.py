@@ -48,7 +48,7 @@ def smooth_knots_(model: ODENet, scale: float = 1.0, seed: int = 0) -> ODENet:
         for block in model.blocks:
             k = block.curve.num_knots
             t = torch.arange(k, dtype=torch.float64) / k
-            for name, knots in block.curve.knots.items():
+            for knots in block.curve.knots.values():
                 shape = knots.shape[1:]
                 a, b, c = (scale * torch.randn(3, *shape, generator=gen, dtype=torch.float64)
                            / math.sqrt(max(1, shape.numel() // shape[0])))

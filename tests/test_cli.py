@@ -1,0 +1,171 @@
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from resode_export import __version__
+from resode_export.io import load_checkpoint
+
+from .helpers import run_cli
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS = REPO / "models" / "digits-mlp.safetensors"
+FASHION = REPO / "models" / "fashion-conv.safetensors"
+JSON_KEYS = {"source_depth", "source_scheme", "depth", "scheme", "interp", "source_accuracy", "accuracy",
+             "max_rel_deviation", "mean_rel_deviation", "seconds"}
+
+
+def test_help_lists_the_commands(capsys):
+    code, out, err = run_cli(capsys, "--help")
+    assert code == 0 and "convert" in out and "train" in out, err
+    code, out, _ = run_cli(capsys)  # no arguments: help, not an error
+    assert code == 0 and "convert" in out
+    code, out, _ = run_cli(capsys, "convert", "--help")
+    assert code == 0 and "euler|midpoint|heun|ralston|rk4|rk38" in out and "constant|linear|cubic|smooth" in out
+
+
+def test_version(capsys):
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"resode {__version__}"
+
+
+def test_python_dash_m_runs_in_a_subprocess():
+    done = subprocess.run([sys.executable, "-m", "resode_export", "--version"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 0 and __version__ in done.stdout, done.stderr
+
+
+def test_convert_default_model_json(capsys):
+    code, out, err = run_cli(capsys, "convert", "--depth", "16", "--scheme", "heun", "--json")
+    assert code == 0, err
+    result = json.loads(out)  # exactly one JSON object on stdout
+    assert set(result) >= JSON_KEYS
+    assert result["model"].endswith("digits-mlp.safetensors")
+    assert (result["source_depth"], result["source_scheme"], result["depth"], result["scheme"]) == (32, "euler", 16,
+                                                                                                    "heun")
+    assert 0.9 <= result["source_accuracy"] <= 1 and 0.9 <= result["accuracy"] <= 1
+    assert 0 < result["mean_rel_deviation"] <= result["max_rel_deviation"] < 1
+    assert result["test_samples"] == 450
+
+
+def test_convert_at_native_depth_is_exact(capsys):
+    code, out, err = run_cli(capsys, "convert", str(DIGITS), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["max_rel_deviation"] == 0.0 and result["accuracy"] == result["source_accuracy"]
+
+
+@pytest.mark.parametrize("model", [DIGITS, FASHION], ids=["digits-mlp", "fashion-conv"])
+def test_convert_each_shipped_model_and_write_it(capsys, tmp_path, model):
+    out_path = tmp_path / "converted.safetensors"
+    code, out, err = run_cli(capsys, "convert", model.stem, "--depth", "8", "--scheme", "rk4", "--interp", "cubic",
+                             "--limit", "200", "--out", out_path, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["out"] == str(out_path) and result["test_samples"] == 200
+    assert result["accuracy"] > 0.5 and result["source_accuracy"] > 0.5
+    converted, header = load_checkpoint(out_path)
+    assert set(converted.config.depths) == {8} and converted.config.scheme == "rk4"
+    assert converted.config.interp == "cubic" and header["converted_from"]["scheme"] == "euler"
+    code, out, err = run_cli(capsys, "convert", out_path, "--limit", "200", "--json")  # the result is a model too
+    assert code == 0 and json.loads(out)["source_depth"] == 8, err
+
+
+def test_convert_table_output(capsys):
+    code, out, err = run_cli(capsys, "convert", "--depth", "8", "--scheme", "midpoint")
+    assert code == 0, err
+    for label in ("source", "converted", "source accuracy", "converted accuracy", "max rel. deviation", "wall time"):
+        assert label in out
+    assert "depth 32, euler" in out and "depth 8, midpoint" in out
+
+
+def test_depth_lists_and_scales(capsys):
+    code, out, err = run_cli(capsys, "convert", "--depth-scale", "0.5", "--json", "--limit", "50")
+    assert code == 0 and json.loads(out)["depth"] == 16, err
+    code, out, err = run_cli(capsys, "convert", "--depth", "12", "--json", "--limit", "50")
+    assert code == 0 and json.loads(out)["depth"] == 12, err
+
+
+def _bad_files(tmp_path):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(DIGITS.read_bytes()[:5000])
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": __import__("torch").zeros(3)}, str(foreign))
+    pickled = tmp_path / "model.pkl"
+    pickled.write_bytes(pickle.dumps({"w": [1, 2, 3]}))
+    return {"missing": tmp_path / "missing.safetensors", "truncated": truncated, "foreign": foreign,
+            "pickle": pickled}
+
+
+BAD_ARGS = {
+    "unknown scheme": (["--scheme", "rk45"], "euler"),
+    "unknown interp": (["--interp", "spline"], "cubic"),
+    "depth 0": (["--depth", "0"], "depth"),
+    "negative depth": (["--depth", "-3"], "depth"),
+    "absurd depth": (["--depth", "1000000000"], "65536"),
+    "non-integer depth": (["--depth", "deep"], "integer"),
+    "too many depths": (["--depth", "4,4,4"], "stages"),
+    "depth and scale": (["--depth", "4", "--depth-scale", "2"], "not both"),
+    "fractional scale": (["--depth-scale", "0.3"], "whole depths"),
+    "too many basis functions": (["--interp", "smooth", "--n-basis", "64"], "n_basis"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGS))
+def test_bad_arguments_fail_cleanly(capsys, tmp_path, case):
+    args, hint = BAD_ARGS[case]
+    out_path = tmp_path / "out.safetensors"
+    code, out, err = run_cli(capsys, "convert", *args, "--out", out_path)
+    assert code == 2, (out, err)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and hint in err, err
+    assert "Traceback" not in err and out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case, hint", [("missing", "no such file"), ("truncated", "truncated or corrupt"),
+                                        ("foreign", "not a resode checkpoint"), ("pickle", "never unpickles")])
+def test_bad_files_fail_cleanly(capsys, tmp_path, case, hint):
+    path = _bad_files(tmp_path)[case]
+    before = set(tmp_path.iterdir())
+    code, out, err = run_cli(capsys, "convert", path, "--out", tmp_path / "out.safetensors")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and hint in err, err
+    assert set(tmp_path.iterdir()) == before, "nothing written"
+
+
+def test_output_in_a_missing_folder(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "convert", "--out", tmp_path / "nope" / "m.safetensors")
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "nope").exists()
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
+    env = {**os.environ, "COLUMNS": "80"}
+    done = subprocess.run(["resode", "convert", "--scheme", "nope"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_train_writes_a_checkpoint_and_card(capsys, tmp_path):
+    out_path = tmp_path / "tiny.safetensors"
+    code, out, err = run_cli(capsys, "train", "--depth", "4", "--width", "16", "--hidden", "16", "--epochs", "10",
+                             "--lr", "3e-3", "--out", out_path, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["test_accuracy"] > 0.8 and result["depth"] == 4
+    card = (tmp_path / "tiny.md").read_text()
+    assert "digits" in card and "resode train" in card and f"{100 * result['test_accuracy']:.2f} %" in card
+    model, header = load_checkpoint(out_path)
+    assert header["training"]["epochs"] == 10 and model.config.depths == (4,)
+
+
+def test_train_bad_input(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--data", "imagenet", "--out", tmp_path / "m.safetensors")
+    assert code == 2 and "unknown data set" in err
+    code, _, err = run_cli(capsys, "train", "--width", "8,x", "--out", tmp_path / "m.safetensors")
+    assert code == 2 and "--width" in err
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from resode_export.errors import ResodeError
+from resode_export.fields import ACTIVATIONS, FIELDS, ConvField, LinearField, MLPField, make_field
+
+CASES = [(MLPField(5, 7, "gelu"), (4, 5)), (ConvField(8, 4, "relu"), (4, 8, 6, 6)), (LinearField(5), (4, 5))]
+
+
+@pytest.mark.parametrize("field, x_shape", CASES, ids=lambda c: getattr(c, "name", ""))
+def test_shapes_and_zero_start(field, x_shape):
+    theta = {k: v.float() for k, v in field.init(torch.Generator().manual_seed(0)).items()}
+    assert {k: tuple(v.shape) for k, v in theta.items()} == field.param_shapes()
+    x = torch.randn(x_shape)
+    out = field(x, theta)
+    assert out.shape == x.shape
+    assert torch.count_nonzero(out) == 0, "smooth init starts every residual function at 0 (V = 0)"
+
+
+@pytest.mark.parametrize("field, x_shape", CASES, ids=lambda c: getattr(c, "name", ""))
+def test_config_round_trip(field, x_shape):
+    assert make_field(field.config()) == field
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_mlp_matches_formula(activation):
+    field = MLPField(3, 4, activation)
+    theta = {"W": torch.randn(4, 3), "b": torch.randn(4), "V": torch.randn(3, 4)}
+    x = torch.randn(2, 3)
+    expected = ACTIVATIONS[activation](x @ theta["W"].T + theta["b"]) @ theta["V"].T
+    assert torch.allclose(field(x, theta), expected, atol=1e-6)
+
+
+def test_conv_field_does_not_mix_samples():
+    field = ConvField(8, 4)
+    theta = {k: torch.randn(v) for k, v in field.param_shapes().items()}
+    x = torch.randn(5, 8, 6, 6)
+    alone = field(x[:1], theta)
+    y = x.clone()
+    y[1:] = 100 * torch.randn(4, 8, 6, 6)  # change the rest of the batch
+    assert torch.allclose(field(y, theta)[:1], alone, atol=1e-5)
+
+
+def test_bad_field_arguments():
+    with pytest.raises(ResodeError, match="valid activations are: relu, gelu, tanh"):
+        MLPField(3, 4, "swish")
+    with pytest.raises(ValueError, match="multiple of groups"):
+        ConvField(6, 4)
+    assert set(FIELDS) == {"mlp", "conv", "linear"}

@@ -1,0 +1,133 @@
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from resode_export import io
+from resode_export.errors import ResodeError
+from resode_export.io import atomic_write, load_checkpoint, save_checkpoint
+from resode_export.network import ODENet
+
+from .helpers import mlp_config
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = ODENet(mlp_config(), init="iid")
+    return save_checkpoint(tmp_path / "m.safetensors", model, {"data": {"name": "digits"}, "metrics": {"a": 1}}), model
+
+
+def test_round_trip_keeps_weights_config_and_header(checkpoint):
+    path, model = checkpoint
+    loaded, header = load_checkpoint(path)
+    assert loaded.config == model.config
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert header["metrics"] == {"a": 1} and header["format_version"] == io.FORMAT_VERSION
+    assert [p.name for p in path.parent.iterdir()] == ["m.safetensors"], "no temporary file left"
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    def explode(tmp):
+        with open(tmp, "w") as fh:
+            fh.write("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(tmp_path / "out.safetensors", explode)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_file_is_replaced_only_when_the_write_succeeds(checkpoint):
+    path, _ = checkpoint
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        atomic_write(path, lambda tmp: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert path.read_bytes() == before
+
+
+def _expect(path, match):
+    with pytest.raises(ResodeError, match=match):
+        load_checkpoint(path)
+
+
+def test_missing_file(tmp_path):
+    _expect(tmp_path / "nope.safetensors", "no such file")
+    _expect(tmp_path, "not a file")
+
+
+def test_truncated_and_garbage_files(checkpoint, tmp_path):
+    path, _ = checkpoint
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    _expect(truncated, "truncated or corrupt")
+    garbage = tmp_path / "g.safetensors"
+    garbage.write_bytes(b"hello world, not a model")
+    _expect(garbage, "truncated or corrupt")
+    empty = tmp_path / "e.safetensors"
+    empty.write_bytes(b"")
+    _expect(empty, "truncated or corrupt")
+
+
+def test_pickles_are_never_loaded(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled!')",))
+
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps(Boom()))
+    _expect(evil, "never unpickles")
+    pt = tmp_path / "model.pth"
+    torch.save({"w": torch.zeros(2)}, pt)
+    _expect(pt, "never unpickles")
+
+
+def test_foreign_safetensors_files(tmp_path, checkpoint):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    _expect(foreign, "not a resode checkpoint")
+    bad_json = tmp_path / "bad.safetensors"
+    save_file({"w": torch.zeros(2)}, str(bad_json), metadata={"resode": "{not json"})
+    _expect(bad_json, "corrupt resode metadata")
+    future = tmp_path / "future.safetensors"
+    save_file({"w": torch.zeros(2)}, str(future), metadata={"resode": json.dumps({"format_version": 99})})
+    _expect(future, "format 99")
+    bad_config = tmp_path / "cfg.safetensors"
+    header = {"format_version": 1, "config": {"arch": "transformer"}}
+    save_file({"w": torch.zeros(2)}, str(bad_config), metadata={"resode": json.dumps(header)})
+    _expect(bad_config, "invalid config")
+
+
+def _tamper(path, tmp_path, change):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    change(tensors)
+    out = tmp_path / "tampered.safetensors"
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+def test_tensors_must_match_the_config(checkpoint, tmp_path):
+    path, _ = checkpoint
+    _expect(_tamper(path, tmp_path, lambda t: t.pop("head.bias")), "missing")
+    _expect(_tamper(path, tmp_path, lambda t: t.update({"head.bias": torch.zeros(7)})), "shape")
+
+
+def test_non_finite_weights_are_refused(checkpoint, tmp_path):
+    path, _ = checkpoint
+
+    def poison(t):
+        t["blocks.0.curve.knots.W"][3, 0, 0] = float("nan")
+
+    _expect(_tamper(path, tmp_path, poison), "NaN")
+
+
+def test_output_folder_must_exist(tmp_path):
+    with pytest.raises(ResodeError, match="does not exist"):
+        save_checkpoint(tmp_path / "missing" / "m.safetensors", ODENet(mlp_config()))
+    with pytest.raises(ResodeError, match="is a folder"):
+        save_checkpoint(tmp_path, ODENet(mlp_config()))
