@@ -132,6 +132,15 @@ def _smooth(u: np.ndarray, num_knots: int, num_basis: int | None = None) -> np.n
 INTERPOLATIONS = {"constant": _constant, "linear": _linear, "cubic": _cubic, "smooth": _smooth}
 
 
+@lru_cache(maxsize=256)
+def _basis(interp: str, num_knots: int, n_basis: int | None, ts_bytes: bytes) -> Tensor:
+    """Cached weights: every forward pass of a block samples the same stage times."""
+    u = _knot_coordinates(np.frombuffer(ts_bytes, dtype=np.float64), num_knots)
+    if interp == "smooth":
+        return torch.from_numpy(_smooth(u, num_knots, n_basis))
+    return torch.from_numpy(INTERPOLATIONS[interp](u, num_knots))
+
+
 class Curve(nn.Module):
     """Weights θ(t) on [0, 1] from K knots at t_k = k/K.
 
@@ -159,19 +168,16 @@ class Curve(nn.Module):
 
     def basis(self, ts: Sequence[float] | np.ndarray) -> Tensor:
         """Interpolation weights w (T, K), float64, with θ(ts[i]) = Σ_k w[i, k] θ_k."""
-        u = _knot_coordinates(np.atleast_1d(np.asarray(ts, dtype=np.float64)), self.num_knots)
-        if self.interp == "smooth":
-            w = _smooth(u, self.num_knots, self.n_basis)
-        else:
-            w = INTERPOLATIONS[self.interp](u, self.num_knots)
-        return torch.from_numpy(w)
+        ts = np.atleast_1d(np.asarray(ts, dtype=np.float64))
+        return _basis(self.interp, self.num_knots, self.n_basis, ts.tobytes()).clone()
 
     def sample(self, ts: Sequence[float] | np.ndarray) -> dict[str, Tensor]:
         """θ at each of T times: name → tensor (T, *shape), differentiable in the knots."""
+        w = self.basis(ts)
         out = {}
         for name, knots in self.knots.items():
-            w = self.basis(ts).to(dtype=knots.dtype, device=knots.device)
-            out[name] = (w @ knots.reshape(knots.shape[0], -1)).reshape(-1, *knots.shape[1:])
+            wk = w.to(dtype=knots.dtype, device=knots.device)
+            out[name] = (wk @ knots.reshape(knots.shape[0], -1)).reshape(-1, *knots.shape[1:])
         return out
 
     def forward(self, t: float) -> dict[str, Tensor]:

@@ -142,8 +142,11 @@ class ODENet(nn.Module):
     def __init__(self, config: ODENetConfig, init: str = "smooth", seed: int = 0):
         super().__init__()
         self.config = config
-        gen = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # the torch.nn layers below
+        with torch.random.fork_rng(devices=[]):  # seed the torch.nn layers without touching the caller's RNG
+            torch.manual_seed(seed)
+            self._build(config, init, torch.Generator().manual_seed(seed))
+
+    def _build(self, config: ODENetConfig, init: str, gen: torch.Generator) -> None:
         w = config.widths
         act = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}[config.activation]
         if config.arch == "mlp":

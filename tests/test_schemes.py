@@ -41,6 +41,10 @@ def _cubic_curve_params(times, a_of_t, a0):
     return {k: v.detach() for k, v in curve.sample(times).items()}
 
 
+def problem_id(params_from) -> str:
+    return "exact-weights" if params_from is _exact_params else "cubic-curve"
+
+
 SMOOTH = (lambda t: 1 + 0.5 * np.sin(3 * t), 1 + 0.5 * (1 - math.cos(3)) / 3)
 CUBIC = (lambda t: 1 + t - 2 * t**2 + 3 * t**3, 1 + 1 / 2 - 2 / 3 + 3 / 4)
 
@@ -56,6 +60,7 @@ def test_measured_order_matches_declared(scheme, problem):
     errors = [_error(scheme, m, a_of_t, integral, params_from) for m in depths]
     assert min(errors) > 1e-13, f"errors {errors} hit rounding: the slope would be meaningless"
     slope = fitted_slope([1 / m for m in depths], errors)
+    print(f"order {scheme} {problem_id(params_from)}: slope {slope:.3f} (declared {order})")
     assert abs(slope - order) <= 0.3, f"{scheme}: slope {slope:.2f}, declared order {order}, errors {errors}"
 
 
