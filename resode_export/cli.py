@@ -22,6 +22,7 @@ from . import __version__
 from .curves import INTERPOLATIONS
 from .data import DATASETS
 from .errors import ResodeError
+from .fields import ACTIVATIONS
 from .network import ARCHS, INITS, MAX_DEPTH
 from .schemes import SCHEMES
 
@@ -29,6 +30,7 @@ SchemeName = Enum("SchemeName", {k: k for k in SCHEMES}, type=str)
 InterpName = Enum("InterpName", {k: k for k in INTERPOLATIONS}, type=str)
 ArchName = Enum("ArchName", {k: k for k in ARCHS}, type=str)
 InitName = Enum("InitName", {k: k for k in INITS}, type=str)
+ActivationName = Enum("ActivationName", {k: k for k in ACTIVATIONS}, type=str)
 DeviceName = Enum("DeviceName", {k: k for k in ("auto", "cpu", "cuda")}, type=str)
 
 _invocation: list[str] = []  # the arguments main() was given, recorded in model cards
@@ -143,12 +145,13 @@ def train(
     hidden: Annotated[int, typer.Option(min=1, help="Hidden width of the perceptron field.")] = 64,
     scheme: Annotated[SchemeName, typer.Option(help="Runge–Kutta scheme.")] = SchemeName.euler,
     interp: Annotated[InterpName, typer.Option(help="Interpolation of weights in depth.")] = InterpName.linear,
-    activation: Annotated[str, typer.Option(help="relu, gelu or tanh.")] = "gelu",
+    activation: Annotated[ActivationName, typer.Option(help="Activation of the fields.")] = ActivationName.gelu,
     stem_stride: Annotated[int, typer.Option(min=1, help="Stride of the conv stem.")] = 1,
     init: Annotated[InitName, typer.Option(help="smooth (tied weights, Marion et al.) or iid.")] = InitName.smooth,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW's decoupled weight decay.")] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[DeviceName, typer.Option(help="auto picks cuda when there is one.")] = DeviceName.auto,
     out: Annotated[Path, typer.Option(help="Checkpoint to write; a model card is written beside it (.md).")] = Path(
@@ -172,10 +175,11 @@ def train(
     dataset = load_data(data)
     config = ODENetConfig(
         arch=arch.value, in_shape=dataset.in_shape, num_classes=dataset.num_classes, widths=widths,
-        depths=depths, hidden=hidden, activation=activation, scheme=scheme.value, interp=interp.value,
+        depths=depths, hidden=hidden, activation=activation.value, scheme=scheme.value, interp=interp.value,
         stem_stride=stem_stride,
     )
-    model, record = run_training(config, dataset, epochs, batch_size, lr, device.value, seed, init.value)
+    model, record = run_training(config, dataset, epochs, batch_size, lr, weight_decay, device.value, seed,
+                                 init.value)
     record["training"]["command"] = "resode " + shlex.join(_invocation)
     save_checkpoint(out, model, record)
     card = write_model_card(out, model, record)

@@ -1,4 +1,4 @@
-"""Training: a plain backprop loop with Adam and a cosine learning rate.
+"""Training: a plain backprop loop with AdamW and a cosine learning rate.
 
 Models start smooth in depth (tied weights, zero output layers; Marion et al. 2024), so the
 trained ResNet stays a discretization of its limit ODE and can be re-discretized.
@@ -40,26 +40,27 @@ def train(
     epochs: int = 10,
     batch_size: int = 128,
     lr: float = 1e-3,
+    weight_decay: float = 0.0,
     device: str = "auto",
     seed: int = 0,
     init: str = "smooth",
     show_progress: bool = True,
 ) -> tuple[ODENet, dict]:
-    """Train an ODENet on ``data`` with backprop.
+    """Train an ODENet on ``data`` with backprop (AdamW, cosine learning rate, no warm-up).
 
     Returns:
         the model (on the CPU, eval mode) and a record for the checkpoint header:
         ``data``, ``metrics`` (test accuracy, final train loss) and ``training``.
     """
-    if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise ResodeError("epochs and batch size must be at least 1 and the learning rate positive")
+    if epochs < 1 or batch_size < 1 or not lr > 0 or not weight_decay >= 0:
+        raise ResodeError("epochs and batch size must be at least 1, the learning rate positive, weight decay >= 0")
     if tuple(data.in_shape) != tuple(config.in_shape):
         raise ResodeError(f"data has samples of shape {data.in_shape}, the model expects {config.in_shape}")
     dev = resolve_device(device)
     model = ODENet(config, init=init, seed=seed).to(dev)
     x_train, y_train = data.x_train.to(dev), data.y_train.to(dev)
     steps_per_epoch = -(-len(x_train) // batch_size)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     start = time.perf_counter()
@@ -91,8 +92,8 @@ def train(
         "data": data.describe(),
         "metrics": {"test_accuracy": test_acc, "train_loss": history[-1]},
         "training": {
-            "method": "backprop", "optimizer": "Adam + cosine schedule", "init": init, "epochs": epochs,
-            "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": round(seconds, 1),
+            "method": "backprop", "optimizer": "AdamW + cosine schedule", "init": init, "epochs": epochs,
+            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed, "seconds": round(seconds, 1),
             "device": _device_name(dev), "torch": torch.__version__, "loss_history": history,
         },
     }
@@ -127,7 +128,8 @@ def write_model_card(checkpoint, model: ODENet, record: dict):
         f"| parameters | {sum(p.numel() for p in model.parameters())} ({size / 1e6:.2f} MB file) |",
         f"| test accuracy | {100 * record['metrics']['test_accuracy']:.2f} % ({data['test_size']} test samples) |",
         f"| final train loss | {record['metrics']['train_loss']:.4f} |",
-        f"| training | {tr['epochs']} epochs, batch {tr['batch_size']}, lr {tr['lr']}, {tr['optimizer']}, seed {tr['seed']} |",
+        f"| training | {tr['epochs']} epochs, batch {tr['batch_size']}, lr {tr['lr']}, weight decay {tr.get('weight_decay', 0)},"
+        f" {tr['optimizer']}, seed {tr['seed']} |",
         f"| time and device | {tr['seconds']} s on {tr['device']}, torch {tr['torch']} |",
         "",
         "Trained with:",
