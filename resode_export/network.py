@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from .curves import INTERPOLATIONS, Curve
 from .errors import ResodeError, check_choice
 from .fields import ACTIVATIONS, ConvField, Field, LinearField, MLPField
-from .schemes import SCHEMES, solve, stage_grid
+from .gradients import GRADIENTS, integrate
+from .schemes import SCHEMES
 
 MAX_DEPTH = 65536
 ARCHS = ("mlp", "conv")
@@ -38,25 +39,23 @@ class ODEBlock(nn.Module):
         curve: the weights θ(t); its knots are this block's parameters.
         depth: number of steps M (step size 1/M).
         scheme: a key of ``SCHEMES``.
+        grad: how backward goes through the steps, a key of ``GRADIENTS``.
     """
 
-    def __init__(self, field: Field, curve: Curve, depth: int, scheme: str):
+    def __init__(self, field: Field, curve: Curve, depth: int, scheme: str, grad: str = "backprop"):
         super().__init__()
         self.field = field
         self.curve = curve
         self.depth = check_depth(depth)
         self.scheme = check_choice("scheme", scheme, SCHEMES)
-
-    def stage_params(self) -> dict[str, Tensor]:
-        """θ at every stage time of the solve: name → (U, *shape) (see ``stage_grid``)."""
-        times, _ = stage_grid(self.scheme, self.depth)
-        return self.curve.sample(times)
+        self.grad = check_choice("gradient method", grad, GRADIENTS)
 
     def forward(self, x: Tensor) -> Tensor:
-        return solve(self.field, x, self.stage_params(), self.scheme, self.depth)
+        return integrate(self.field, x, self.curve, self.scheme, self.depth, self.grad)
 
     def extra_repr(self) -> str:
-        return f"field={self.field}, depth={self.depth}, scheme={self.scheme!r}, interp={self.curve.interp!r}"
+        return (f"field={self.field}, depth={self.depth}, scheme={self.scheme!r}, interp={self.curve.interp!r}, "
+                f"grad={self.grad!r}")
 
 
 @dataclass
@@ -77,6 +76,7 @@ class ODENetConfig:
     scheme: str = "euler"
     interp: str = "linear"
     n_basis: int | None = None  # B-splines of the "smooth" interpolation
+    grad: str = "backprop"  # gradient method of the ODE blocks (training only; outputs do not depend on it)
 
     def __post_init__(self):
         for name in ("in_shape", "widths", "depths", "knots"):
@@ -87,6 +87,7 @@ class ODENetConfig:
         check_choice("scheme", self.scheme, SCHEMES)
         check_choice("interpolation", self.interp, INTERPOLATIONS)
         check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("gradient method", self.grad, GRADIENTS)
         if self.knots is None:
             self.knots = self.depths
         if not len(self.widths) == len(self.depths) == len(self.knots) >= 1:
@@ -168,7 +169,8 @@ class ODENet(nn.Module):
         for width, depth, num_knots in zip(w, config.depths, config.knots):
             f = _make_field(config, width)
             knots = {k: v.float() for k, v in _init_knots(f, num_knots, init, gen).items()}
-            blocks.append(ODEBlock(f, Curve(knots, config.interp, config.n_basis), depth, config.scheme))
+            curve = Curve(knots, config.interp, config.n_basis)
+            blocks.append(ODEBlock(f, curve, depth, config.scheme, config.grad))
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -186,6 +188,7 @@ class ODENet(nn.Module):
         scheme: str | None = None,
         interp: str | None = None,
         n_basis: int | None = None,
+        grad: str | None = None,
     ) -> ODENet:
         """A copy that solves the same curves with another depth, scheme or interpolation.
 
@@ -193,6 +196,7 @@ class ODENet(nn.Module):
             depth: steps of every block, or one per stage; None keeps each block's own.
             scheme: a key of ``SCHEMES``; None keeps the model's.
             interp: a key of ``INTERPOLATIONS``; None keeps the model's.
+            grad: a key of ``GRADIENTS``; None keeps the model's.
         Returns:
             a new ODENet (the knots are copied, the source is untouched).
         """
@@ -211,11 +215,13 @@ class ODENet(nn.Module):
             scheme=scheme or cfg.scheme,
             interp=interp or cfg.interp,
             n_basis=n_basis if n_basis is not None else (cfg.n_basis if interp in (None, cfg.interp) else None),
+            grad=grad or cfg.grad,
         )
         new = copy.deepcopy(self)
         new.config = new_cfg
         new.blocks = nn.ModuleList(
-            ODEBlock(b.field, Curve(dict(b.curve.knots.items()), new_cfg.interp, new_cfg.n_basis), d, new_cfg.scheme)
+            ODEBlock(b.field, Curve(dict(b.curve.knots.items()), new_cfg.interp, new_cfg.n_basis), d, new_cfg.scheme,
+                     new_cfg.grad)
             for b, d in zip(new.blocks, depths)
         )
         return new
