@@ -141,6 +141,21 @@ def _basis(interp: str, num_knots: int, n_basis: int | None, ts_bytes: bytes) ->
     return torch.from_numpy(INTERPOLATIONS[interp](u, num_knots))
 
 
+@lru_cache(maxsize=256)
+def _pairs(interp: str, num_knots: int, n_basis: int | None, ts_bytes: bytes) -> tuple[Tensor, Tensor] | None:
+    """(index (T, 2), weight (T, 2)) when every sample mixes at most two knots, else None."""
+    w = _basis(interp, num_knots, n_basis, ts_bytes).numpy()
+    if np.count_nonzero(w, axis=1).max() > 2:
+        return None
+    idx = np.argsort(w == 0, axis=1, kind="stable")[:, :2]  # the (up to) two nonzero columns first
+    if num_knots == 1:
+        idx = np.zeros((len(w), 2), dtype=np.int64)
+    wts = np.take_along_axis(w, idx, axis=1)
+    if num_knots == 1:
+        wts[:, 1] = 0.0
+    return torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(wts)
+
+
 class Curve(nn.Module):
     """Weights θ(t) on [0, 1] from K knots at t_k = k/K.
 
@@ -172,12 +187,24 @@ class Curve(nn.Module):
         return _basis(self.interp, self.num_knots, self.n_basis, ts.tobytes()).clone()
 
     def sample(self, ts: Sequence[float] | np.ndarray) -> dict[str, Tensor]:
-        """θ at each of T times: name → tensor (T, *shape), differentiable in the knots."""
-        w = self.basis(ts)
+        """θ at each of T times: name → tensor (T, *shape), differentiable in the knots.
+
+        Interpolations with at most two knots per sample (``constant``, ``linear``) gather those
+        two knots: O(T P) work instead of the dense O(T K P) product, which matters for deep
+        conv stages.
+        """
+        ts = np.atleast_1d(np.asarray(ts, dtype=np.float64))
+        key = (self.interp, self.num_knots, self.n_basis, ts.tobytes())
+        pairs = _pairs(*key)
         out = {}
         for name, knots in self.knots.items():
-            wk = w.to(dtype=knots.dtype, device=knots.device)
-            out[name] = (wk @ knots.reshape(knots.shape[0], -1)).reshape(-1, *knots.shape[1:])
+            if pairs is not None:
+                idx, w = (p.to(knots.device) for p in pairs)
+                w = w.to(knots.dtype).reshape(*w.shape, *[1] * (knots.dim() - 1))
+                out[name] = w[:, 0] * knots[idx[:, 0]] + w[:, 1] * knots[idx[:, 1]]
+            else:
+                wk = _basis(*key).to(dtype=knots.dtype, device=knots.device)
+                out[name] = (wk @ knots.reshape(knots.shape[0], -1)).reshape(-1, *knots.shape[1:])
         return out
 
     def forward(self, t: float) -> dict[str, Tensor]:

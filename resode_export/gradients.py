@@ -53,8 +53,9 @@ class _Steps:
         """Stage weights of step n: one {name: tensor} per stage."""
         out = []
         for u in self.index[n]:
-            w = self.basis[u].to(dtype=knots[0].dtype, device=knots[0].device)
-            out.append({name: torch.tensordot(w, k, dims=1) for name, k in zip(self.names, knots)})
+            rows = self.rows[u].to(knots[0].device)
+            w = self.basis[u, self.rows[u]].to(dtype=knots[0].dtype, device=knots[0].device)
+            out.append({name: torch.tensordot(w, k.index_select(0, rows), dims=1) for name, k in zip(self.names, knots)})
         return out
 
     def accumulate(self, grads: list[Tensor], n: int, stage: int, theta_grads: list[Tensor | None]) -> None:
@@ -173,18 +174,20 @@ def _checkpoint(field, x, curve, scheme, depth):
     if not torch.is_grad_enabled():
         return _backprop(field, x, curve, scheme, depth)
     times, index = stage_grid(scheme, depth)
-    params = curve.sample(times)
     tableau, h = get_scheme(scheme), 1.0 / depth
     segment = math.ceil(math.sqrt(depth))
 
-    def run(x, start, stop, *values):
-        named = dict(zip(params, values))
+    def run(x, start, stop):
+        # sample the weights inside the segment, so what checkpoint keeps is x, not per-step weights
+        used = np.unique(index[start:stop])
+        params = curve.sample(times[used])
         for n in range(start, stop):
-            x = rk_step(field, x, [{k: v[u] for k, v in named.items()} for u in index[n]], tableau, h)
+            local = np.searchsorted(used, index[n])
+            x = rk_step(field, x, [{k: v[u] for k, v in params.items()} for u in local], tableau, h)
         return x
 
     for start in range(0, depth, segment):
-        x = checkpoint(run, x, start, min(depth, start + segment), *params.values(), use_reentrant=False)
+        x = checkpoint(run, x, start, min(depth, start + segment), use_reentrant=False)
     return x
 
 

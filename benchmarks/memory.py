@@ -1,0 +1,77 @@
+"""Bytes saved for backward by each gradient method against depth (CPU).
+
+    python benchmarks/memory.py --json > benchmarks/results/memory.json
+
+For a ResNet of depth N (N knots, N Euler steps; or Heun), counts the bytes of every tensor that
+autograd saves for backward during the forward pass (``torch.autograd.graph.saved_tensors_hooks``),
+once per storage, leaving out the model's parameters (held by the model whatever the method).
+Targets (issue 3): ``adjoint`` at depth 512 within 1.05× of its depth-8 figure; ``backprop`` linear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from resode_export.gradients import GRADIENTS
+from resode_export.network import ODENet, ODENetConfig
+
+ARCHS = {
+    "mlp": dict(arch="mlp", in_shape=(64,), widths=(32,), hidden=64),
+    "conv": dict(arch="conv", in_shape=(16, 16, 16), widths=(16,), groups=4, activation="relu"),
+}
+BATCH = {"mlp": 64, "conv": 16}
+
+
+def saved_bytes(model: ODENet, x: torch.Tensor) -> tuple[int, float]:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    start = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x).square().sum()
+    loss.backward()
+    return sum(seen.values()), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depths", default="8,32,128,512")
+    parser.add_argument("--methods", default=",".join(GRADIENTS))
+    parser.add_argument("--archs", default="mlp,conv")
+    parser.add_argument("--scheme", default="euler")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for arch in args.archs.split(","):
+        for depth in (int(d) for d in args.depths.split(",")):
+            config = ODENetConfig(**ARCHS[arch], num_classes=10, depths=(depth,), scheme=args.scheme)
+            model = ODENet(config, init="iid")
+            x = torch.randn(BATCH[arch], *config.in_shape)
+            for method in args.methods.split(","):
+                nbytes, seconds = saved_bytes(model.discretize(grad=method), x)
+                rows.append({"method": method, "arch": arch, "depth": depth, "scheme": args.scheme,
+                             "batch": BATCH[arch], "saved_bytes": nbytes, "seconds": round(seconds, 3)})
+    if args.json:
+        print(json.dumps({"rows": rows}, indent=1))
+        return
+    table = Table("arch", "method", "depth", "saved MiB", "s")
+    for r in rows:
+        table.add_row(r["arch"], r["method"], str(r["depth"]), f"{r['saved_bytes'] / 2**20:.2f}", str(r["seconds"]))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
