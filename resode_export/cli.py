@@ -23,6 +23,7 @@ from .curves import INTERPOLATIONS
 from .data import DATASETS
 from .errors import ResodeError
 from .fields import ACTIVATIONS
+from .gradients import GRADIENTS
 from .network import ARCHS, INITS, MAX_DEPTH
 from .schemes import SCHEMES
 
@@ -31,6 +32,7 @@ InterpName = Enum("InterpName", {k: k for k in INTERPOLATIONS}, type=str)
 ArchName = Enum("ArchName", {k: k for k in ARCHS}, type=str)
 InitName = Enum("InitName", {k: k for k in INITS}, type=str)
 ActivationName = Enum("ActivationName", {k: k for k in ACTIVATIONS}, type=str)
+GradName = Enum("GradName", {k: k for k in GRADIENTS}, type=str)
 DeviceName = Enum("DeviceName", {k: k for k in ("auto", "cpu", "cuda")}, type=str)
 
 _invocation: list[str] = []  # the arguments main() was given, recorded in model cards
@@ -148,6 +150,10 @@ def train(
     activation: Annotated[ActivationName, typer.Option(help="Activation of the fields.")] = ActivationName.gelu,
     stem_stride: Annotated[int, typer.Option(min=1, help="Stride of the conv stem.")] = 1,
     init: Annotated[InitName, typer.Option(help="smooth (tied weights, Marion et al.) or iid.")] = InitName.smooth,
+    grad: Annotated[Optional[GradName], typer.Option(
+        help="How gradients go through the ODE blocks. adjoint: memory-free, approximate (Sander et al.); "
+             "symplectic, checkpoint: exact, low memory.  [default: backprop]")] = None,
+    adjoint: Annotated[bool, typer.Option("--adjoint", help="Shorthand for --grad adjoint.")] = False,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
@@ -158,7 +164,7 @@ def train(
         "model.safetensors"),
     as_json: JsonOpt = False,
 ):
-    """Train an ODENet from a smooth-in-depth initialization with backprop."""
+    """Train an ODENet from a smooth-in-depth initialization."""
     from .convert import parse_depths
     from .data import load_data
     from .io import check_output_path, save_checkpoint
@@ -167,6 +173,9 @@ def train(
     from .train import write_model_card
 
     check_output_path(out)
+    if adjoint and grad not in (None, GradName.adjoint):
+        raise ResodeError(f"--adjoint conflicts with --grad {grad.value}; give one of them")
+    method = "adjoint" if adjoint else (grad.value if grad else "backprop")
     try:
         widths = tuple(int(w) for w in width.split(","))
     except ValueError:
@@ -176,7 +185,7 @@ def train(
     config = ODENetConfig(
         arch=arch.value, in_shape=dataset.in_shape, num_classes=dataset.num_classes, widths=widths,
         depths=depths, hidden=hidden, activation=activation.value, scheme=scheme.value, interp=interp.value,
-        stem_stride=stem_stride,
+        stem_stride=stem_stride, grad=method,
     )
     model, record = run_training(config, dataset, epochs, batch_size, lr, weight_decay, device.value, seed,
                                  init.value)
@@ -186,11 +195,13 @@ def train(
     result = {"out": str(out), "card": str(card), "test_accuracy": record["metrics"]["test_accuracy"],
               "train_loss": record["metrics"]["train_loss"], "seconds": record["training"]["seconds"],
               "device": record["training"]["device"], "depth": _fmt_depths(depths), "scheme": scheme.value,
+              "grad": method,
               "parameters": sum(p.numel() for p in model.parameters())}
     _emit(result, as_json, "resode train", [
         ("checkpoint", str(out)), ("model card", str(card)),
         ("test accuracy", f"{100 * result['test_accuracy']:.2f} %"), ("final train loss", f"{result['train_loss']:.4f}"),
-        ("parameters", str(result["parameters"])), ("time", f"{result['seconds']} s on {result['device']}"),
+        ("gradient method", method), ("parameters", str(result["parameters"])),
+        ("time", f"{result['seconds']} s on {result['device']}"),
     ])
 
 

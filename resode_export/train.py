@@ -1,4 +1,4 @@
-"""Training: a plain backprop loop with AdamW and a cosine learning rate.
+"""Training: AdamW with a cosine learning rate, gradients through the ODE blocks by any method.
 
 Models start smooth in depth (tied weights, zero output layers; Marion et al. 2024), so the
 trained ResNet stays a discretization of its limit ODE and can be re-discretized.
@@ -46,7 +46,9 @@ def train(
     init: str = "smooth",
     show_progress: bool = True,
 ) -> tuple[ODENet, dict]:
-    """Train an ODENet on ``data`` with backprop (AdamW, cosine learning rate, no warm-up).
+    """Train an ODENet on ``data`` (AdamW, cosine learning rate, no warm-up).
+
+    The ODE blocks' backward pass is ``config.grad`` (see ``gradients.GRADIENTS``).
 
     Returns:
         the model (on the CPU, eval mode) and a record for the checkpoint header:
@@ -92,7 +94,7 @@ def train(
         "data": data.describe(),
         "metrics": {"test_accuracy": test_acc, "train_loss": history[-1]},
         "training": {
-            "method": "backprop", "optimizer": "AdamW + cosine schedule", "init": init, "epochs": epochs,
+            "method": config.grad, "optimizer": "AdamW + cosine schedule", "init": init, "epochs": epochs,
             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed, "seconds": round(seconds, 1),
             "device": _device_name(dev), "torch": torch.__version__, "loss_history": history,
         },
@@ -112,7 +114,7 @@ def write_model_card(checkpoint, model: ODENet, record: dict):
     lines = [
         f"# {Path(checkpoint).stem}",
         "",
-        f"An ODENet ({cfg.arch}) trained by resode with backprop from a {tr['init']} initialization"
+        f"An ODENet ({cfg.arch}) trained by resode ({tr['method']} gradients) from a {tr['init']} initialization"
         " (Marion et al. 2024: tied weights, zero output layers).",
         "",
         "| | |",
