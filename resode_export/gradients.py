@@ -8,6 +8,9 @@ Each method solves the block forward and makes the gradient reach the curve's kn
   input x_n; backward recomputes the step's stage inputs without a graph and back-propagates one
   stage evaluation at a time. Exact for every explicit scheme (stages with b_i = 0 included):
   it is reverse-mode differentiation of the step, organized to hold one stage's graph.
+- ``reversible``: exact gradients with memory flat in depth, for the algebraically reversible
+  scheme ``reversible_heun`` (Kidger et al. 2021): backward undoes each step exactly, then takes
+  one vector–Jacobian product per step.
 - ``adjoint``: the memory-free discrete adjoint (Sander et al. 2022). Forward keeps only the
   output; backward reconstructs each step's input by running the scheme backwards, then takes one
   vector–Jacobian product through the step. Memory does not grow with depth.
@@ -34,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from .curves import Curve
 from .errors import ResodeError, check_choice
 from .fields import Field, Theta
-from .schemes import ButcherTableau, get_scheme, rk_step, solve, stage_grid
+from .schemes import ButcherTableau, ReversibleHeun, get_scheme, reversible_heun_step, rk_step, solve, stage_grid
 
 
 class _Steps:
@@ -127,8 +130,9 @@ def _reverse_step(field: Field, x_next: Tensor, thetas: list[Theta], tableau: Bu
 
 
 def adjoint_supported(scheme: str) -> bool:
-    c = np.array(get_scheme(scheme).c)
-    return len(c) == 1 or bool(np.allclose(1 - c[::-1], c))
+    tableau = get_scheme(scheme)
+    c = np.array(tableau.c)
+    return isinstance(tableau, ButcherTableau) and (len(c) == 1 or bool(np.allclose(1 - c[::-1], c)))
 
 
 class _SolveFunction(torch.autograd.Function):
@@ -165,12 +169,68 @@ class _SolveFunction(torch.autograd.Function):
         return (None, None, None, g, *grads)
 
 
+class _ReversibleFunction(torch.autograd.Function):
+    """Reversible Heun: forward keeps (x_M, ẑ_M); backward reconstructs and back-propagates.
+
+    With F_k = f(ẑ_k, θ(t_k)) the forward is ẑ_{k+1} = 2x_k − ẑ_k + hF_k, x_{k+1} = x_k + (h/2)(F_k + F_{k+1}).
+    Walking the evaluation points k = M..0 with adjoints (x̄, ẑ̄, F̄): F̄ += (h/2)x̄ (the x-update
+    that uses F_k), one VJP at ẑ_k gives ẑ̄ += JᵀF̄ and the θ(t_k) gradient; then step k−1 gives
+    F̄ ← (h/2)x̄ + hẑ̄, x̄ ← x̄ + 2ẑ̄, ẑ̄ ← −ẑ̄; finally x̄_0 = x̄ + ẑ̄ (ẑ_0 = x_0).
+    """
+
+    @staticmethod
+    def forward(ctx, field: Field, steps: _Steps, x: Tensor, *knots: Tensor) -> Tensor:
+        with torch.no_grad():
+            z, fz = x, field(x, steps.thetas(list(knots), 0)[0])
+            for n in range(steps.depth):
+                x, z, fz = reversible_heun_step(field, x, z, fz, steps.thetas(list(knots), n)[1], steps.h)
+        ctx.field, ctx.steps = field, steps
+        ctx.save_for_backward(x, z, *knots)
+        return x
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, z, *knots = ctx.saved_tensors
+        field, steps, h = ctx.field, ctx.steps, ctx.steps.h
+        grads = [torch.zeros_like(k) for k in knots]
+        x_bar, z_bar, f_bar = g, torch.zeros_like(g), torch.zeros_like(g)
+        f_later = None
+        for k in reversed(range(steps.depth + 1)):
+            n, stage = (k - 1, 1) if k > 0 else (0, 0)  # point k is stage 1 of step k−1 (or stage 0 of step 0)
+            theta = {name: v.detach() for name, v in steps.thetas(knots, n)[stage].items()}
+            if k > 0:
+                f_bar = f_bar + (h / 2) * x_bar
+            fz, z_grad, theta_grads = _vjp_with_value(field, z, theta, f_bar)
+            steps.accumulate(grads, n, stage, theta_grads)
+            z_bar = z_bar + z_grad
+            if f_later is not None:  # x_k = x_{k+1} − (h/2)(F_k + F_{k+1})
+                x = x - (h / 2) * (fz + f_later)
+            if k == 0:
+                break
+            f_bar, x_bar, z_bar = (h / 2) * x_bar + h * z_bar, x_bar + 2 * z_bar, -z_bar
+            with torch.no_grad():
+                z = 2 * x - z - h * fz  # ẑ_{k−1}
+            f_later = fz
+        return (None, None, x_bar + z_bar, *grads)
+
+
+def _vjp_with_value(field: Field, x: Tensor, theta: Theta, cotangent: Tensor):
+    """f(x, θ) and its VJPs with ``cotangent``, from one evaluation."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+        out = field(x, leaves)
+        grads = torch.autograd.grad(out, [x, *leaves.values()], cotangent, allow_unused=True)
+    return out.detach(), grads[0], list(grads[1:])
+
+
 def _backprop(field, x, curve, scheme, depth):
     times, _ = stage_grid(scheme, depth)
     return solve(field, x, curve.sample(times), scheme, depth)
 
 
 def _checkpoint(field, x, curve, scheme, depth):
+    check_compatible("checkpoint", scheme)
     if not torch.is_grad_enabled():
         return _backprop(field, x, curve, scheme, depth)
     times, index = stage_grid(scheme, depth)
@@ -191,16 +251,29 @@ def _checkpoint(field, x, curve, scheme, depth):
     return x
 
 
+def check_compatible(grad: str, scheme: str) -> None:
+    """Raise a ResodeError naming the alternatives when ``grad`` cannot run ``scheme``."""
+    reversible = isinstance(get_scheme(scheme), ReversibleHeun)
+    if grad == "reversible" and not reversible:
+        raise ResodeError(f"--grad reversible needs --scheme reversible_heun, got {scheme!r}; "
+                          "or use --grad symplectic for exact low-memory gradients with any scheme")
+    if reversible and grad not in ("backprop", "reversible"):
+        raise ResodeError(f"scheme reversible_heun runs with --grad reversible or backprop, not {grad!r}")
+    if grad == "adjoint" and not adjoint_supported(scheme):
+        raise ResodeError(
+            f"the adjoint has no reverse step for scheme {scheme!r} (its nodes are not symmetric); "
+            "use euler, heun, rk4 or rk38, or --grad symplectic"
+        )
+
+
 def _custom(method):
     def run(field, x, curve, scheme, depth):
-        if method == "adjoint" and not adjoint_supported(scheme):
-            raise ResodeError(
-                f"the adjoint has no reverse step for scheme {scheme!r} (its nodes are not symmetric); "
-                "use euler, heun, rk4 or rk38, or --grad symplectic"
-            )
+        check_compatible(method, scheme)
         knots = list(curve.knots.values())
         if not torch.is_grad_enabled() or not (x.requires_grad or any(k.requires_grad for k in knots)):
             return _backprop(field, x, curve, scheme, depth)  # nothing to differentiate: save nothing
+        if method == "reversible":
+            return _ReversibleFunction.apply(field, _Steps(curve, scheme, depth), x, *knots)
         return _SolveFunction.apply(method, field, _Steps(curve, scheme, depth), x, *knots)
 
     return run
@@ -211,6 +284,7 @@ GRADIENTS = {
     "checkpoint": _checkpoint,
     "adjoint": _custom("adjoint"),
     "symplectic": _custom("symplectic"),
+    "reversible": _custom("reversible"),
 }
 
 

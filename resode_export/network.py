@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .curves import INTERPOLATIONS, Curve
 from .errors import ResodeError, check_choice
 from .fields import ACTIVATIONS, ConvField, Field, LinearField, MLPField
-from .gradients import GRADIENTS, integrate
+from .gradients import GRADIENTS, check_compatible, integrate
 from .schemes import SCHEMES
 
 MAX_DEPTH = 65536
@@ -49,6 +49,7 @@ class ODEBlock(nn.Module):
         self.depth = check_depth(depth)
         self.scheme = check_choice("scheme", scheme, SCHEMES)
         self.grad = check_choice("gradient method", grad, GRADIENTS)
+        check_compatible(self.grad, self.scheme)
 
     def forward(self, x: Tensor) -> Tensor:
         return integrate(self.field, x, self.curve, self.scheme, self.depth, self.grad)
@@ -88,6 +89,7 @@ class ODENetConfig:
         check_choice("interpolation", self.interp, INTERPOLATIONS)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("gradient method", self.grad, GRADIENTS)
+        check_compatible(self.grad, self.scheme)
         if self.knots is None:
             self.knots = self.depths
         if not len(self.widths) == len(self.depths) == len(self.knots) >= 1:

@@ -8,9 +8,11 @@ from resode_export.errors import ResodeError
 from resode_export.fields import MLPField
 from resode_export.gradients import GRADIENTS, adjoint_supported, integrate
 from resode_export.network import ODENet
-from resode_export.schemes import SCHEMES
+from resode_export.schemes import SCHEMES, ButcherTableau
 
 from .helpers import fitted_slope, mlp_config, smooth_knots_
+
+RK = [name for name, s in SCHEMES.items() if isinstance(s, ButcherTableau)]
 
 EXACT = ["checkpoint", "symplectic"]
 
@@ -28,8 +30,9 @@ def _rel_error(grads, reference):
     return num / sum(float(reference[k].norm() ** 2) for k in reference) ** 0.5
 
 
-@pytest.mark.parametrize("method", EXACT)
-@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize(
+    "method, scheme", [(m, s) for m in EXACT for s in RK] + [("reversible", "reversible_heun")]
+)
 @pytest.mark.parametrize("interp", ["linear", "cubic"])
 def test_exact_methods_equal_backprop(method, scheme, interp):
     """Two stages with a transition, stem and head by ordinary autograd, i.i.d. weights, float64."""
@@ -42,8 +45,9 @@ def test_exact_methods_equal_backprop(method, scheme, interp):
     assert _rel_error(grads, ref) <= 1e-10
 
 
-@pytest.mark.parametrize("method", EXACT)
-def test_exact_methods_match_finite_differences(method):
+@pytest.mark.parametrize("method, scheme", [("checkpoint", "heun"), ("symplectic", "rk4"),
+                                           ("reversible", "reversible_heun")])
+def test_exact_methods_match_finite_differences(method, scheme):
     field = MLPField(3, 4, "tanh")
     knots = {k: torch.randn(3, *s, dtype=torch.float64) * 0.5 for k, s in field.param_shapes().items()}
     curve = Curve(knots, "cubic")
@@ -52,7 +56,7 @@ def test_exact_methods_match_finite_differences(method):
     def fn(x, *values):
         for p, v in zip(curve.knots.values(), values):
             p.data = v.data
-        return integrate(field, x, curve, "heun", 4, method)
+        return integrate(field, x, curve, scheme, 4, method)
 
     inputs = (x, *curve.knots.values())
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
@@ -99,25 +103,46 @@ def test_adjoint_on_iid_weights(scheme):
 
 @pytest.mark.parametrize("scheme", [s for s in SCHEMES if not adjoint_supported(s)])
 def test_adjoint_refuses_schemes_without_a_reverse_step(scheme):
-    model = ODENet(mlp_config(scheme=scheme, grad="adjoint"))
-    x = torch.randn(2, 6)
-    with pytest.raises(ResodeError, match="symplectic"):
-        model(x).sum().backward()
+    with pytest.raises(ResodeError, match="--grad"):
+        ODENet(mlp_config(scheme=scheme, grad="adjoint"))
+    with pytest.raises(ResodeError, match="--grad"):
+        ODENet(mlp_config(scheme="euler")).discretize(scheme=scheme, grad="adjoint")
+
+
+@pytest.mark.parametrize("grad, scheme", [("reversible", "heun"), ("symplectic", "reversible_heun"),
+                                          ("checkpoint", "reversible_heun")])
+def test_reversible_pairs_with_its_scheme_only(grad, scheme):
+    with pytest.raises(ResodeError, match="reversible"):
+        ODENet(mlp_config(scheme=scheme, grad=grad))
+
+
+def test_moving_a_model_to_reversible_heun_and_back():
+    """Same ODE, another scheme: outputs move by the order-2 discretization error only."""
+    model = smooth_knots_(ODENet(mlp_config(scheme="heun", depths=(32, 32), interp="cubic"), seed=7).double(), scale=0.5)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        there = model.discretize(scheme="reversible_heun", grad="reversible")
+        back = there.discretize(scheme="heun", grad="backprop")
+        assert torch.equal(back(x), model(x))
+        errors = [float((model.discretize(d, "reversible_heun")(x) - model.discretize(1024, "rk4")(x)).norm())
+                  for d in (16, 32, 64)]
+    assert fitted_slope([16, 32, 64], errors) <= -1.7, errors
 
 
 def test_evaluation_without_grad_is_the_same_for_every_method():
     model = smooth_knots_(ODENet(mlp_config(scheme="heun"), seed=5))
     x = torch.randn(4, 6)
     with torch.no_grad():
-        outs = [model.discretize(grad=g)(x) for g in GRADIENTS]
+        outs = [model.discretize(grad=g)(x) for g in GRADIENTS if g != "reversible"]
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
 
 
-@pytest.mark.parametrize("method", EXACT + ["adjoint"])
+@pytest.mark.parametrize("method", EXACT + ["adjoint", "reversible"])
 def test_float32_and_tied_weights(method):
     """One knot per stage (weights shared across depth), float32."""
-    model = smooth_knots_(ODENet(mlp_config(knots=(1, 1), scheme="heun"), seed=6), scale=0.5)
+    scheme = "reversible_heun" if method == "reversible" else "heun"
+    model = smooth_knots_(ODENet(mlp_config(knots=(1, 1), scheme=scheme), seed=6), scale=0.5)
     x = torch.randn(5, 6)
     _, ref = _grads(model, x, "backprop")
     _, grads = _grads(model, x, method)
@@ -125,5 +150,5 @@ def test_float32_and_tied_weights(method):
 
 
 def test_unknown_gradient_method():
-    with pytest.raises(ResodeError, match="backprop, checkpoint, adjoint, symplectic"):
+    with pytest.raises(ResodeError, match="backprop, checkpoint, adjoint, symplectic, reversible"):
         ODENet(mlp_config(grad="magic"))
