@@ -11,6 +11,8 @@ Each method solves the block forward and makes the gradient reach the curve's kn
 - ``reversible``: exact gradients with memory flat in depth, for the algebraically reversible
   scheme ``reversible_heun`` (Kidger et al. 2021): backward undoes each step exactly, then takes
   one vector–Jacobian product per step.
+- ``auto``: ``adjoint`` watched by a :class:`ReconstructionMonitor`, which switches the block to
+  ``symplectic`` when the reconstruction of the block's input drifts past a tolerance.
 - ``adjoint``: the memory-free discrete adjoint (Sander et al. 2022). Forward keeps only the
   output; backward reconstructs each step's input by running the scheme backwards, then takes one
   vector–Jacobian product through the step. Memory does not grow with depth.
@@ -139,14 +141,15 @@ class _SolveFunction(torch.autograd.Function):
     """Forward without a graph; backward by ``adjoint`` or ``symplectic``."""
 
     @staticmethod
-    def forward(ctx, method: str, field: Field, steps: _Steps, x: Tensor, *knots: Tensor) -> Tensor:
-        states = []
+    def forward(ctx, method: str, field: Field, steps: _Steps, monitor: ReconstructionMonitor | None, x: Tensor,
+                *knots: Tensor) -> Tensor:
+        states = [x] if monitor is not None else []  # a monitored adjoint keeps x_0 to compare with x̃_0
         with torch.no_grad():
             for n in range(steps.depth):
                 if method == "symplectic":
                     states.append(x)
                 x = rk_step(field, x, steps.thetas(list(knots), n), steps.tableau, steps.h)
-        ctx.method, ctx.field, ctx.steps = method, field, steps
+        ctx.method, ctx.field, ctx.steps, ctx.monitor = method, field, steps, monitor
         ctx.save_for_backward(x if method == "adjoint" else None, *states, *knots)
         ctx.num_states = len(states)
         return x
@@ -166,7 +169,10 @@ class _SolveFunction(torch.autograd.Function):
             else:
                 x = states[n]
             g = _stage_adjoint(field, steps, x, thetas, g, grads, n)
-        return (None, None, None, g, *grads)
+        if ctx.monitor is not None:
+            x0 = states[0]
+            ctx.monitor.record(float((x - x0).norm() / x0.norm().clamp_min(torch.finfo(x0.dtype).tiny)))
+        return (None, None, None, None, g, *grads)
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -251,6 +257,35 @@ def _checkpoint(field, x, curve, scheme, depth):
     return x
 
 
+class ReconstructionMonitor:
+    """Watches the ``auto`` method's adjoint: every ``every`` backward passes it compares the block's
+    reconstructed input x̃_0 with the true x_0 on the batch, ‖x̃_0 − x_0‖ / ‖x_0‖, logs it, and
+    switches the block to ``symplectic`` (exact) for good once it exceeds ``tolerance``.
+    """
+
+    def __init__(self, every: int = 50, tolerance: float = 1e-2):
+        if every < 1 or not tolerance > 0:
+            raise ResodeError("the reconstruction monitor needs every >= 1 and tolerance > 0")
+        self.every, self.tolerance = every, tolerance
+        self.calls = 0
+        self.history: list[tuple[int, float]] = []  # (call, relative reconstruction error)
+        self.switched_at: int | None = None
+
+    @property
+    def method(self) -> str:
+        return "adjoint" if self.switched_at is None else "symplectic"
+
+    def due(self) -> bool:
+        """Count one forward pass with gradients; True when this one is to be checked."""
+        self.calls += 1
+        return self.switched_at is None and (self.calls - 1) % self.every == 0
+
+    def record(self, error: float) -> None:
+        self.history.append((self.calls, error))
+        if not error <= self.tolerance:  # NaN switches too
+            self.switched_at = self.calls
+
+
 def check_compatible(grad: str, scheme: str) -> None:
     """Raise a ResodeError naming the alternatives when ``grad`` cannot run ``scheme``."""
     reversible = isinstance(get_scheme(scheme), ReversibleHeun)
@@ -259,7 +294,7 @@ def check_compatible(grad: str, scheme: str) -> None:
                           "or use --grad symplectic for exact low-memory gradients with any scheme")
     if reversible and grad not in ("backprop", "reversible"):
         raise ResodeError(f"scheme reversible_heun runs with --grad reversible or backprop, not {grad!r}")
-    if grad == "adjoint" and not adjoint_supported(scheme):
+    if grad in ("adjoint", "auto") and not adjoint_supported(scheme):
         raise ResodeError(
             f"the adjoint has no reverse step for scheme {scheme!r} (its nodes are not symmetric); "
             "use euler, heun, rk4 or rk38, or --grad symplectic"
@@ -267,14 +302,22 @@ def check_compatible(grad: str, scheme: str) -> None:
 
 
 def _custom(method):
-    def run(field, x, curve, scheme, depth):
+    def run(field, x, curve, scheme, depth, monitor=None):
         check_compatible(method, scheme)
         knots = list(curve.knots.values())
         if not torch.is_grad_enabled() or not (x.requires_grad or any(k.requires_grad for k in knots)):
             return _backprop(field, x, curve, scheme, depth)  # nothing to differentiate: save nothing
         if method == "reversible":
             return _ReversibleFunction.apply(field, _Steps(curve, scheme, depth), x, *knots)
-        return _SolveFunction.apply(method, field, _Steps(curve, scheme, depth), x, *knots)
+        if method == "auto":
+            if monitor is None:
+                raise ValueError("grad='auto' needs a ReconstructionMonitor (ODEBlock owns one)")
+            check = monitor.due()
+            if monitor.method == "symplectic":
+                return _SolveFunction.apply("symplectic", field, _Steps(curve, scheme, depth), None, x, *knots)
+            return _SolveFunction.apply("adjoint", field, _Steps(curve, scheme, depth), monitor if check else None,
+                                        x, *knots)
+        return _SolveFunction.apply(method, field, _Steps(curve, scheme, depth), None, x, *knots)
 
     return run
 
@@ -285,9 +328,15 @@ GRADIENTS = {
     "adjoint": _custom("adjoint"),
     "symplectic": _custom("symplectic"),
     "reversible": _custom("reversible"),
+    "auto": _custom("auto"),
 }
 
 
-def integrate(field: Field, x: Tensor, curve: Curve, scheme: str, depth: int, grad: str = "backprop") -> Tensor:
-    """Solve dx/dt = f(x, θ(t)) on [0, 1] in ``depth`` steps of ``scheme``; backward by ``grad``."""
-    return GRADIENTS[check_choice("gradient method", grad, GRADIENTS)](field, x, curve, scheme, depth)
+def integrate(field: Field, x: Tensor, curve: Curve, scheme: str, depth: int, grad: str = "backprop",
+              monitor: ReconstructionMonitor | None = None) -> Tensor:
+    """Solve dx/dt = f(x, θ(t)) on [0, 1] in ``depth`` steps of ``scheme``; backward by ``grad``.
+
+    ``monitor`` is the reconstruction monitor of ``grad="auto"``.
+    """
+    method = GRADIENTS[check_choice("gradient method", grad, GRADIENTS)]
+    return method(field, x, curve, scheme, depth, monitor) if grad == "auto" else method(field, x, curve, scheme, depth)

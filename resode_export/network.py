@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .curves import INTERPOLATIONS, Curve
 from .errors import ResodeError, check_choice
 from .fields import ACTIVATIONS, ConvField, Field, LinearField, MLPField
-from .gradients import GRADIENTS, check_compatible, integrate
+from .gradients import GRADIENTS, ReconstructionMonitor, check_compatible, integrate
 from .schemes import SCHEMES
 
 MAX_DEPTH = 65536
@@ -50,9 +50,10 @@ class ODEBlock(nn.Module):
         self.scheme = check_choice("scheme", scheme, SCHEMES)
         self.grad = check_choice("gradient method", grad, GRADIENTS)
         check_compatible(self.grad, self.scheme)
+        self.monitor = ReconstructionMonitor() if self.grad == "auto" else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return integrate(self.field, x, self.curve, self.scheme, self.depth, self.grad)
+        return integrate(self.field, x, self.curve, self.scheme, self.depth, self.grad, self.monitor)
 
     def extra_repr(self) -> str:
         return (f"field={self.field}, depth={self.depth}, scheme={self.scheme!r}, interp={self.curve.interp!r}, "

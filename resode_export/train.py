@@ -67,6 +67,7 @@ def train(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     start = time.perf_counter()
     history = []
+    switched: set[int] = set()
     with progress_bar(disable=not show_progress) as bar:
         task = bar.add_task("training", total=epochs * steps_per_epoch)
         for epoch in range(epochs):
@@ -85,6 +86,12 @@ def train(
                 total, count = total + loss.item() * len(idx), count + len(idx)
                 bar.update(task, advance=1, description=f"epoch {epoch + 1}/{epochs} loss {total / count:.4f}")
             history.append(total / count)
+            for i, block in enumerate(model.blocks):
+                if block.monitor is not None and block.monitor.switched_at is not None and i not in switched:
+                    switched.add(i)
+                    error = block.monitor.history[-1][1]
+                    bar.console.print(f"block {i}: adjoint reconstruction error {error:.2e} > "
+                                      f"{block.monitor.tolerance:g}; switched to symplectic")
             if show_progress:
                 bar.console.print(f"epoch {epoch + 1}/{epochs}: train loss {history[-1]:.4f}, "
                                   f"{time.perf_counter() - start:.0f} s")
@@ -99,6 +106,11 @@ def train(
             "device": _device_name(dev), "torch": torch.__version__, "loss_history": history,
         },
     }
+    monitors = [{"block": i, "every": b.monitor.every, "tolerance": b.monitor.tolerance,
+                 "switched_at_step": b.monitor.switched_at, "checks": b.monitor.history}
+                for i, b in enumerate(model.blocks) if b.monitor is not None]
+    if monitors:
+        record["training"]["reconstruction_monitor"] = monitors
     return model.cpu().eval(), record
 
 

@@ -152,3 +152,52 @@ def test_float32_and_tied_weights(method):
 def test_unknown_gradient_method():
     with pytest.raises(ResodeError, match="backprop, checkpoint, adjoint, symplectic, reversible"):
         ODENet(mlp_config(grad="magic"))
+
+
+def _auto_model(depth, tolerance, every=1):
+    model = smooth_knots_(ODENet(mlp_config(widths=(5,), depths=(depth,), knots=(8,), interp="cubic",
+                                            grad="auto"), seed=2).double(), scale=0.5)
+    model.blocks[0].monitor.every, model.blocks[0].monitor.tolerance = every, tolerance
+    return model
+
+
+def test_auto_stays_adjoint_while_the_reconstruction_holds():
+    model = _auto_model(64, tolerance=1.0)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    _, grads = _grads_keep(model, x)
+    _, adjoint = _grads(model, x, "adjoint")
+    monitor = model.blocks[0].monitor
+    assert monitor.switched_at is None and len(monitor.history) == 1 and 0 < monitor.history[0][1] < 1e-2
+    assert _rel_error(grads, adjoint) == 0.0
+
+
+def test_auto_switches_to_symplectic_past_the_tolerance():
+    model = _auto_model(16, tolerance=1e-12)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    _grads_keep(model, x)  # checked: error > 1e-12 → switch
+    monitor = model.blocks[0].monitor
+    assert monitor.switched_at == 1 and monitor.method == "symplectic"
+    _, grads = _grads_keep(model, x)
+    _, ref = _grads(model, x, "backprop")
+    assert _rel_error(grads, ref) <= 1e-10 and len(monitor.history) == 1
+
+
+def test_auto_checks_every_k_steps_and_its_error_falls_with_depth():
+    errors = []
+    for depth in (16, 64, 256):
+        model = _auto_model(depth, tolerance=1.0, every=3)
+        x = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        for _ in range(7):
+            _grads_keep(model, x)
+        monitor = model.blocks[0].monitor
+        assert [call for call, _ in monitor.history] == [1, 4, 7]
+        errors.append(monitor.history[0][1])
+    assert fitted_slope([16, 64, 256], errors) <= -0.8, errors  # Euler reconstruction: O(1/N)
+
+
+def _grads_keep(model, x):
+    """Backward through the model as it is (its own gradient method and monitor)."""
+    model.zero_grad()
+    loss = (model(x) ** 2).sum()
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
