@@ -26,13 +26,16 @@ from .fields import ACTIVATIONS
 from .gradients import GRADIENTS
 from .network import ARCHS, INITS, MAX_DEPTH
 from .schemes import SCHEMES
+from .train import OPTIMIZERS, SCHEDULES
 
 SchemeName = Enum("SchemeName", {k: k for k in SCHEMES}, type=str)
 InterpName = Enum("InterpName", {k: k for k in INTERPOLATIONS}, type=str)
 ArchName = Enum("ArchName", {k: k for k in ARCHS}, type=str)
-InitName = Enum("InitName", {k: k for k in INITS}, type=str)
 ActivationName = Enum("ActivationName", {k: k for k in ACTIVATIONS}, type=str)
 GradName = Enum("GradName", {k: k for k in GRADIENTS}, type=str)
+TrainInitName = Enum("TrainInitName", {k: k for k in (*INITS, "tied")}, type=str)
+OptimizerName = Enum("OptimizerName", {k: k for k in OPTIMIZERS}, type=str)
+ScheduleName = Enum("ScheduleName", {k: k for k in SCHEDULES}, type=str)
 DeviceName = Enum("DeviceName", {k: k for k in ("auto", "cpu", "cuda")}, type=str)
 
 _invocation: list[str] = []  # the arguments main() was given, recorded in model cards
@@ -140,67 +143,104 @@ def convert(
 
 @app.command()
 def train(
+    model: Annotated[Optional[str], typer.Argument(
+        help="Fine-tune this checkpoint instead of training a new model.", show_default=False)] = None,
     arch: Annotated[ArchName, typer.Option(help="mlp (vectors) or conv (images).")] = ArchName.mlp,
-    data: Annotated[str, typer.Option(help=f"{', '.join(DATASETS)}, or a folder of MNIST-style IDX files.")] = "digits",
-    depth: Annotated[str, typer.Option(help="Steps of every ODE block, or a comma list per stage.")] = "32",
+    data: Annotated[Optional[str], typer.Option(
+        help=f"{', '.join(DATASETS)}, a folder of MNIST-style IDX files, or a .npz with x_train, y_train, x_test, "
+             "y_test.  [default: digits, or the model's own data]", show_default=False)] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder with Fashion-MNIST's IDX files.")] = None,
+    depth: Annotated[Optional[str], typer.Option(
+        help="Steps of every ODE block, or a comma list per stage.  [default: 32, or the model's]")] = None,
     width: Annotated[str, typer.Option(help="Width (mlp) or channels (conv) of each stage, comma list.")] = "32",
     hidden: Annotated[int, typer.Option(min=1, help="Hidden width of the perceptron field.")] = 64,
-    scheme: Annotated[SchemeName, typer.Option(help="Runge–Kutta scheme.")] = SchemeName.euler,
+    scheme: Annotated[Optional[SchemeName], typer.Option(help="Runge–Kutta scheme.  [default: euler, or the model's]")] = None,
     interp: Annotated[InterpName, typer.Option(help="Interpolation of weights in depth.")] = InterpName.linear,
     activation: Annotated[ActivationName, typer.Option(help="Activation of the fields.")] = ActivationName.gelu,
     stem_stride: Annotated[int, typer.Option(min=1, help="Stride of the conv stem.")] = 1,
-    init: Annotated[InitName, typer.Option(help="smooth (tied weights, Marion et al.) or iid.")] = InitName.smooth,
+    init: Annotated[TrainInitName, typer.Option(
+        help="smooth: the same weights at every step, zero output layers (Marion et al.); tied: one set of weights "
+             "per stage (Sander et al.); iid: an independent draw per step.")] = TrainInitName.smooth,
+    untie: Annotated[bool, typer.Option("--untie", help="Fine-tuning: give a tied model one knot per step.")] = False,
     grad: Annotated[Optional[GradName], typer.Option(
         help="How gradients go through the ODE blocks. adjoint: memory-free, approximate (Sander et al.); "
-             "symplectic, checkpoint: exact, low memory.  [default: backprop]")] = None,
+             "auto: adjoint, switching to symplectic if its reconstruction drifts; symplectic, checkpoint: exact; "
+             "reversible: exact, memory flat in depth, with --scheme reversible_heun.  [default: backprop]")] = None,
     adjoint: Annotated[bool, typer.Option("--adjoint", help="Shorthand for --grad adjoint.")] = False,
+    optimizer: Annotated[OptimizerName, typer.Option(
+        help="adam (AdamW) or sgd (Nesterov momentum 0.9).")] = OptimizerName.adam,
+    schedule: Annotated[ScheduleName, typer.Option(help="Learning-rate schedule.")] = ScheduleName.cosine,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
-    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (split across torchrun processes).")] = 128,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW's decoupled weight decay.")] = 0.0,
+    weight_decay: Annotated[float, typer.Option(min=0.0, help="Decoupled weight decay.")] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[DeviceName, typer.Option(help="auto picks cuda when there is one.")] = DeviceName.auto,
-    out: Annotated[Path, typer.Option(help="Checkpoint to write; a model card is written beside it (.md).")] = Path(
-        "model.safetensors"),
+    out: Annotated[Path, typer.Option(
+        help="Checkpoint, written after every epoch; its optimizer state (.train-state.safetensors) and a model "
+             "card (.md) go beside it.")] = Path("model.safetensors"),
+    log: Annotated[Optional[Path], typer.Option(
+        help="JSON lines of per-epoch metrics.  [default: beside --out, .log.jsonl]", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run whose checkpoint is --out.")] = False,
     as_json: JsonOpt = False,
 ):
-    """Train an ODENet from a smooth-in-depth initialization."""
-    from .convert import parse_depths
+    """Train an ODENet (from a smooth-in-depth start) or fine-tune a checkpoint."""
+    from .convert import dataset_for, load_model, parse_depths
     from .data import load_data
     from .io import check_output_path, save_checkpoint
-    from .network import ODENetConfig
+    from .network import ODENet, ODENetConfig
+    from .network import untie as untie_model
+    from .train import TrainOptions, write_model_card
     from .train import train as run_training
-    from .train import write_model_card
 
     check_output_path(out)
     if adjoint and grad not in (None, GradName.adjoint):
         raise ResodeError(f"--adjoint conflicts with --grad {grad.value}; give one of them")
-    method = "adjoint" if adjoint else (grad.value if grad else "backprop")
-    try:
-        widths = tuple(int(w) for w in width.split(","))
-    except ValueError:
-        raise ResodeError(f"--width must be an integer or a comma list of integers, got {width!r}") from None
-    depths = parse_depths(depth, None, (1,) * len(widths))
-    dataset = load_data(data)
-    config = ODENetConfig(
-        arch=arch.value, in_shape=dataset.in_shape, num_classes=dataset.num_classes, widths=widths,
-        depths=depths, hidden=hidden, activation=activation.value, scheme=scheme.value, interp=interp.value,
-        stem_stride=stem_stride, grad=method,
-    )
-    model, record = run_training(config, dataset, epochs, batch_size, lr, weight_decay, device.value, seed,
-                                 init.value)
-    record["training"]["command"] = "resode " + shlex.join(_invocation)
-    save_checkpoint(out, model, record)
-    card = write_model_card(out, model, record)
-    result = {"out": str(out), "card": str(card), "test_accuracy": record["metrics"]["test_accuracy"],
-              "train_loss": record["metrics"]["train_loss"], "seconds": record["training"]["seconds"],
-              "device": record["training"]["device"], "depth": _fmt_depths(depths), "scheme": scheme.value,
-              "grad": method,
-              "parameters": sum(p.numel() for p in model.parameters())}
+    method = "adjoint" if adjoint else (grad.value if grad else None)
+    options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer.value,
+                           schedule=schedule.value, weight_decay=weight_decay, seed=seed, device=device.value)
+    if model is not None:  # fine-tuning
+        net, header, _ = load_model(model)
+        depths = parse_depths(depth, None, net.config.depths)
+        if untie:
+            net = untie_model(net.discretize(depths))
+        net = net.discretize(depths, scheme and scheme.value, grad=method or net.config.grad)
+        dataset = load_data(data, data_dir) if data else dataset_for(header)
+    else:
+        try:
+            widths = tuple(int(w) for w in width.split(","))
+        except ValueError:
+            raise ResodeError(f"--width must be an integer or a comma list of integers, got {width!r}") from None
+        depths = parse_depths(depth or "32", None, (1,) * len(widths))
+        dataset = load_data(data or "digits", data_dir)
+        config = ODENetConfig(
+            arch=arch.value, in_shape=dataset.in_shape, num_classes=dataset.num_classes, widths=widths,
+            depths=depths, knots=(1,) * len(widths) if init.value == "tied" else None, hidden=hidden,
+            activation=activation.value, scheme=scheme.value if scheme else "euler", interp=interp.value,
+            stem_stride=stem_stride, grad=method or "backprop",
+        )
+        net = ODENet(config, init="iid" if init.value == "iid" else "smooth", seed=seed)
+    log_path = log if log is not None else out.with_name(out.stem + ".log.jsonl")
+    if log is not None:
+        check_output_path(log)
+    if not resume and log_path.exists():
+        log_path.unlink()  # a new run starts a new log
+    net, record = run_training(net, dataset, options, out=out, resume=resume, log=log_path)
+    record["training"]["init"] = "fine-tuned from " + str(model) if model else init.value
+    command = "resode " + shlex.join(_invocation)
+    save_checkpoint(out, net, {**record, "training": {**record["training"], "command": command}})
+    card = write_model_card(out, net, record, command)
+    cfg = net.config
+    result = {"checkpoint": str(out), "card": str(card), "log": str(log_path),
+              "test_accuracy": record["metrics"]["test_accuracy"], "train_accuracy": record["metrics"]["train_accuracy"],
+              "train_loss": record["metrics"]["train_loss"], "epochs": epochs, "grad": cfg.grad, "scheme": cfg.scheme,
+              "depth": _fmt_depths(cfg.depths), "seconds": record["training"]["seconds"],
+              "device": record["training"]["device"], "parameters": sum(p.numel() for p in net.parameters())}
     _emit(result, as_json, "resode train", [
-        ("checkpoint", str(out)), ("model card", str(card)),
-        ("test accuracy", f"{100 * result['test_accuracy']:.2f} %"), ("final train loss", f"{result['train_loss']:.4f}"),
-        ("gradient method", method), ("parameters", str(result["parameters"])),
+        ("checkpoint", str(out)), ("model card", str(card)), ("log", str(log_path)),
+        ("test accuracy", f"{100 * result['test_accuracy']:.2f} %"),
+        ("train accuracy", f"{100 * result['train_accuracy']:.2f} %"),
+        ("model", f"depth {result['depth']}, {cfg.scheme}, {cfg.grad} gradients, {result['parameters']} parameters"),
         ("time", f"{result['seconds']} s on {result['device']}"),
     ])
 

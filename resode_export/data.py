@@ -78,7 +78,7 @@ def _find_idx(folder: Path, stem: str) -> Path:
     raise ResodeError(f"{str(folder)!r} has no {stem}[.gz]; give a folder with the four Fashion-MNIST IDX files")
 
 
-def fashion_mnist(folder: str | os.PathLike | None = None) -> Dataset:
+def fashion_mnist(folder: str | os.PathLike | None = None, name: str = "fashion-mnist") -> Dataset:
     """Fashion-MNIST from local IDX files (Debian's ``dataset-fashion-mnist``, or ``folder``).
 
     The official split (60 000 train, 10 000 test); pixels / 255, standardized, shape (1, 28, 28).
@@ -101,7 +101,7 @@ def fashion_mnist(folder: str | os.PathLike | None = None) -> Dataset:
     def labels(stem):
         return torch.from_numpy(_read_idx(_find_idx(folder, stem)).astype(np.int64))
 
-    ds = Dataset("fashion-mnist" if str(folder) in FASHION_MNIST_DIRS else str(folder),
+    ds = Dataset(name,
                  images("train-images-idx3-ubyte"), labels("train-labels-idx1-ubyte"),
                  images("t10k-images-idx3-ubyte"), labels("t10k-labels-idx1-ubyte"),
                  preprocessing=f"pixels / 255, then (x - {FASHION_MEAN}) / {FASHION_STD}; shape (1, 28, 28)",
@@ -111,12 +111,38 @@ def fashion_mnist(folder: str | os.PathLike | None = None) -> Dataset:
     return ds
 
 
-def load_data(name: str) -> Dataset:
-    """``digits``, ``fashion-mnist``, or a folder holding MNIST-style IDX files."""
+def npz(path: str | os.PathLike) -> Dataset:
+    """A ``.npz`` file with arrays ``x_train, y_train, x_test, y_test`` (read without pickle)."""
+    try:
+        with np.load(path, allow_pickle=False) as fh:
+            arrays = {k: fh[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except KeyError as exc:
+        raise ResodeError(f"{str(path)!r} lacks array {exc}; it needs x_train, y_train, x_test, y_test") from None
+    except (OSError, ValueError) as exc:
+        raise ResodeError(f"cannot read {str(path)!r} as .npz: {exc}") from None
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
+            raise ResodeError(f"{str(path)!r}: x_{split} and y_{split} must have the same length, labels integers >= 0")
+        if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+            raise ResodeError(f"{str(path)!r}: x_{split} must be numeric and finite (no NaN)")
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise ResodeError(f"{str(path)!r}: train and test samples have different shapes")
+    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    return Dataset(str(path), t["x_train"].float(), t["y_train"].long(), t["x_test"].float(), t["y_test"].long(),
+                   preprocessing="as stored in the file", split="x_train/y_train and x_test/y_test as stored")
+
+
+def load_data(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """``digits``, ``fashion-mnist`` (from ``data_dir`` if given), a folder of MNIST-style IDX files, or a .npz."""
     if name == "digits":
         return digits()
     if name == "fashion-mnist":
-        return fashion_mnist()
+        return fashion_mnist(data_dir)
     if Path(name).is_dir():
-        return fashion_mnist(name)
-    raise ResodeError(f"unknown data set {name!r}; use one of {', '.join(DATASETS)} or a folder of IDX files")
+        return fashion_mnist(name, name=name)
+    if name.endswith(".npz"):
+        if not Path(name).is_file():
+            raise ResodeError(f"no such file: {name!r}")
+        return npz(name)
+    raise ResodeError(f"unknown data set {name!r}; use one of {', '.join(DATASETS)}, a folder of IDX files or a .npz")

@@ -286,6 +286,18 @@ class ReconstructionMonitor:
             self.switched_at = self.calls
 
 
+@torch.no_grad()
+def reconstruction_error(field: Field, x: Tensor, curve: Curve, scheme: str, depth: int) -> float:
+    """‖x̃_0 − x_0‖ / ‖x_0‖: solve forward from x, then run the adjoint's reverse steps back."""
+    steps, knots = _Steps(curve, scheme, depth), list(curve.knots.values())
+    y = x
+    for n in range(depth):
+        y = rk_step(field, y, steps.thetas(knots, n), steps.tableau, steps.h)
+    for n in reversed(range(depth)):
+        y = _reverse_step(field, y, steps.thetas(knots, n), steps.tableau, steps.h)
+    return float((y - x).norm() / x.norm().clamp_min(torch.finfo(x.dtype).tiny))
+
+
 def check_compatible(grad: str, scheme: str) -> None:
     """Raise a ResodeError naming the alternatives when ``grad`` cannot run ``scheme``."""
     reversible = isinstance(get_scheme(scheme), ReversibleHeun)

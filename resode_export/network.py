@@ -230,4 +230,23 @@ class ODENet(nn.Module):
         return new
 
 
-__all__ = ["MAX_DEPTH", "ODEBlock", "ODENet", "ODENetConfig", "check_depth"]
+def untie(model: ODENet) -> ODENet:
+    """A copy whose curves have one knot per step, θ_n = θ(n/M), sampled from the current curves.
+
+    A tied model (one knot per stage, Sander et al. 2022's pretraining) becomes a deep ResNet with
+    identical weights at every step: a perfectly smooth start for fine-tuning, same outputs.
+    """
+    new = copy.deepcopy(model)
+    knots = tuple(b.depth for b in model.blocks)
+    new.config = replace(model.config, knots=knots)
+    with torch.no_grad():
+        new.blocks = nn.ModuleList(
+            ODEBlock(b.field, Curve({k: v.detach().clone() for k, v in b.curve.sample([n / m for n in range(m)]).items()},
+                                    b.curve.interp, None), m, b.scheme, b.grad)
+            for b, m in zip(model.blocks, knots)
+        )
+    new.config = replace(new.config, n_basis=None)
+    return new
+
+
+__all__ = ["MAX_DEPTH", "ODEBlock", "ODENet", "ODENetConfig", "check_depth", "untie"]

@@ -1,21 +1,69 @@
-"""Training: AdamW with a cosine learning rate, gradients through the ODE blocks by any method.
+"""Training: any gradient method through the ODE blocks, checkpoints every epoch, exact resume, DDP.
 
 Models start smooth in depth (tied weights, zero output layers; Marion et al. 2024), so the
-trained ResNet stays a discretization of its limit ODE and can be re-discretized.
+trained ResNet stays a discretization of its limit ODE and can be re-discretized. Everything a
+run depends on is a function of the seed and the epoch (the data order) or is saved after every
+epoch (weights, optimizer state, step count), so ``resume`` ends with the same weights as an
+uninterrupted run. Under ``torchrun`` each process takes an equal share of every global batch and
+DistributedDataParallel averages the gradients (gloo on CPU, NCCL on GPU).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import platform
+import resource
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .data import Dataset
-from .errors import ResodeError
+from .errors import ResodeError, check_choice
 from .evaluate import accuracy, predict, progress_bar
-from .network import ODENet, ODENetConfig
+from .gradients import reconstruction_error
+from .io import atomic_write, load_checkpoint, save_checkpoint
+from .network import ODENet
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+class TrainingDiverged(ResodeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"  # "adam" (AdamW) or "sgd" (momentum 0.9, Nesterov)
+    schedule: str = "cosine"  # "cosine" to 0, "step" (×0.1 at 50 % and 75 %), "constant"
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        check_choice("optimizer", self.optimizer, dict.fromkeys(OPTIMIZERS))
+        check_choice("schedule", self.schedule, dict.fromkeys(SCHEDULES))
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or not self.weight_decay >= 0:
+            raise ResodeError("epochs and batch size must be at least 1, the learning rate positive, weight decay >= 0")
+
+    def lr_at(self, step: int, total: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) out of ``total``."""
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        if self.schedule == "step":
+            return self.lr * (0.1 ** ((step >= total // 2) + (step >= 3 * total // 4)))
+        return self.lr
 
 
 def resolve_device(device: str) -> torch.device:
@@ -34,100 +82,205 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def state_path(checkpoint: str | os.PathLike) -> Path:
+    """Where the optimizer state of a run writing ``checkpoint`` lives."""
+    p = Path(checkpoint)
+    return p.with_name(p.stem + ".train-state.safetensors")
+
+
+def _save_state(path: Path, optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    header = {**meta, "param_groups": sd["param_groups"], "scalars": scalars}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"resode-train-state": json.dumps(header)}))
+
+
+def _load_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
+    if not path.is_file():
+        raise ResodeError(f"cannot resume: {str(path)!r} is missing; start without --resume")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = json.loads((fh.metadata() or {})["resode-train-state"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except Exception as exc:  # noqa: BLE001 - any corruption is bad input
+        raise ResodeError(f"cannot resume: {str(path)!r} is unreadable ({exc})") from None
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *header["scalars"].items()]:
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+    return header
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); starts the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def _block_inputs(model: ODENet, x: torch.Tensor) -> list[torch.Tensor]:
+    inputs = []
+    x = model.stem(x)
+    for i, block in enumerate(model.blocks):
+        inputs.append(x)
+        x = block(x)
+        if i < len(model.transitions):
+            x = model.transitions[i](x)
+    return inputs
+
+
+@torch.no_grad()
+def reconstruction_errors(model: ODENet, x: torch.Tensor) -> list[float] | None:
+    """Each block's adjoint reconstruction error ‖x̃_0 − x_0‖ / ‖x_0‖ on x, for adjoint/auto models."""
+    if model.config.grad not in ("adjoint", "auto"):
+        return None
+    return [reconstruction_error(b.field, xi, b.curve, b.scheme, b.depth) for b, xi in zip(model.blocks,
+                                                                                       _block_inputs(model, x))]
+
+
 def train(
-    config: ODENetConfig,
+    model: ODENet,
     data: Dataset,
-    epochs: int = 10,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    device: str = "auto",
-    seed: int = 0,
-    init: str = "smooth",
+    options: TrainOptions,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    log: str | os.PathLike | None = None,
     show_progress: bool = True,
 ) -> tuple[ODENet, dict]:
-    """Train an ODENet on ``data`` (AdamW, cosine learning rate, no warm-up).
+    """Train ``model`` on ``data``; after each epoch write ``out`` (checkpoint), its optimizer state
+    and a JSON line of metrics to ``log``.
 
-    The ODE blocks' backward pass is ``config.grad`` (see ``gradients.GRADIENTS``).
-
+    Args:
+        model: a fresh or pretrained ODENet; its blocks' gradient method is ``model.config.grad``.
+        resume: continue the run whose checkpoint is ``out`` (the model argument is replaced by it).
     Returns:
-        the model (on the CPU, eval mode) and a record for the checkpoint header:
-        ``data``, ``metrics`` (test accuracy, final train loss) and ``training``.
+        the model (CPU, eval mode) and the record stored in the checkpoint header.
+    Raises:
+        TrainingDiverged: a non-finite loss (the last good checkpoint stays in place).
     """
-    if epochs < 1 or batch_size < 1 or not lr > 0 or not weight_decay >= 0:
-        raise ResodeError("epochs and batch size must be at least 1, the learning rate positive, weight decay >= 0")
-    if tuple(data.in_shape) != tuple(config.in_shape):
-        raise ResodeError(f"data has samples of shape {data.in_shape}, the model expects {config.in_shape}")
-    dev = resolve_device(device)
-    model = ODENet(config, init=init, seed=seed).to(dev)
+    if tuple(data.in_shape) != tuple(model.config.in_shape):
+        raise ResodeError(f"data has samples of shape {data.in_shape}, the model expects {model.config.in_shape}")
+    if resume and out is None:
+        raise ResodeError("--resume needs the checkpoint of the run to continue (--out)")
+    dev = resolve_device(options.device)
+    rank, world = _distributed(dev)
+    if options.batch_size % world:
+        raise ResodeError(f"--batch-size {options.batch_size} must be a multiple of the {world} processes")
+    if resume:
+        model, _ = load_checkpoint(out)
+    model = model.to(dev)
+    params = list(model.parameters())
+    if options.optimizer == "adam":
+        opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=options.lr, momentum=0.9, nesterov=True, weight_decay=options.weight_decay)
+    history, start_epoch, elapsed = [], 0, 0.0
+    if resume:
+        header = _load_state(state_path(out), opt)
+        history, start_epoch, elapsed = header["history"], header["epoch"], header["seconds"]
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     x_train, y_train = data.x_train.to(dev), data.y_train.to(dev)
-    steps_per_epoch = -(-len(x_train) // batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    start = time.perf_counter()
-    history = []
-    switched: set[int] = set()
-    with progress_bar(disable=not show_progress) as bar:
-        task = bar.add_task("training", total=epochs * steps_per_epoch)
-        for epoch in range(epochs):
-            model.train()
-            order = torch.randperm(len(x_train), generator=gen).to(dev)
-            total, count = 0.0, 0
-            for i in range(0, len(x_train), batch_size):
-                idx = order[i : i + batch_size]
-                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+    x_test, y_test = data.x_test.to(dev), data.y_test.to(dev)
+    steps_per_epoch = -(-len(x_train) // options.batch_size)
+    total = options.epochs * steps_per_epoch
+    writer = rank == 0
+    log = Path(log) if log is not None else None
+    start = time.perf_counter() - elapsed
+    with progress_bar(disable=not (show_progress and writer)) as bar:
+        task = bar.add_task("training", total=total, completed=start_epoch * steps_per_epoch)
+        for epoch in range(start_epoch, options.epochs):
+            net.train()
+            order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(options.seed * 100_003 + epoch))
+            loss_sum, correct, count = 0.0, 0, 0
+            for b, i in enumerate(range(0, len(x_train), options.batch_size)):
+                step = epoch * steps_per_epoch + b
+                idx = order[i : i + options.batch_size]
+                mine = idx[rank::world].to(dev)  # an equal share of the global batch
+                logits = net(x_train[mine])
+                loss_sum_local = F.cross_entropy(logits, y_train[mine], reduction="sum")
+                loss = loss_sum_local * (world / len(idx))  # DDP averages over processes → global mean
                 if not torch.isfinite(loss):
-                    raise RuntimeError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr")
+                    kept = f"the last good checkpoint is {str(out)!r} (epoch {epoch})" if out and epoch else "nothing was written"
+                    raise TrainingDiverged(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                                           f"{kept}; lower --lr")
+                for group in opt.param_groups:
+                    group["lr"] = options.lr_at(step, total)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sched.step()
-                total, count = total + loss.item() * len(idx), count + len(idx)
-                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{epochs} loss {total / count:.4f}")
-            history.append(total / count)
-            for i, block in enumerate(model.blocks):
-                if block.monitor is not None and block.monitor.switched_at is not None and i not in switched:
-                    switched.add(i)
-                    error = block.monitor.history[-1][1]
-                    bar.console.print(f"block {i}: adjoint reconstruction error {error:.2e} > "
-                                      f"{block.monitor.tolerance:g}; switched to symplectic")
-            if show_progress:
-                bar.console.print(f"epoch {epoch + 1}/{epochs}: train loss {history[-1]:.4f}, "
-                                  f"{time.perf_counter() - start:.0f} s")
-        seconds = time.perf_counter() - start
-        test_acc = accuracy(predict(model, data.x_test.to(dev), progress=bar), data.y_test)
+                stats = torch.stack([loss_sum_local.detach(), (logits.argmax(1) == y_train[mine]).sum().double(),
+                                     torch.tensor(float(len(mine)), device=dev, dtype=torch.float64)])
+                if world > 1:
+                    dist.all_reduce(stats)
+                loss_sum, correct, count = loss_sum + float(stats[0]), correct + float(stats[1]), count + float(stats[2])
+                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{options.epochs} loss {loss_sum / count:.4f}")
+            test_acc = accuracy(predict(model, x_test), y_test)
+            row = {"epoch": epoch + 1, "loss": loss_sum / count, "train_accuracy": correct / count,
+                   "test_accuracy": test_acc, "seconds": round(time.perf_counter() - start, 2),
+                   "peak_memory_bytes": _peak_memory(dev), "lr": options.lr_at(min(total - 1, step), total),
+                   "reconstruction_error": reconstruction_errors(model, x_test[:256]),
+                   "monitor_switched": [b.monitor.switched_at for b in model.blocks if b.monitor is not None] or None}
+            history.append(row)
+            if writer:
+                record = _record(model, data, options, history, dev, world)
+                if out is not None:
+                    save_checkpoint(out, model, record)
+                    _save_state(state_path(out), opt, {"epoch": epoch + 1, "history": history,
+                                                       "seconds": row["seconds"], "options": asdict(options)})
+                if log is not None:
+                    with log.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                if show_progress:
+                    bar.console.print(f"epoch {epoch + 1}/{options.epochs}: loss {row['loss']:.4f}, "
+                                      f"train {100 * row['train_accuracy']:.2f} %, test {100 * test_acc:.2f} %, "
+                                      f"{row['seconds']:.0f} s")
+    return model.cpu().eval(), _record(model, data, options, history, dev, world)
+
+
+def _record(model: ODENet, data: Dataset, options: TrainOptions, history: list[dict], dev, world: int) -> dict:
+    last = history[-1]
     record = {
         "data": data.describe(),
-        "metrics": {"test_accuracy": test_acc, "train_loss": history[-1]},
-        "training": {
-            "method": config.grad, "optimizer": "AdamW + cosine schedule", "init": init, "epochs": epochs,
-            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed, "seconds": round(seconds, 1),
-            "device": _device_name(dev), "torch": torch.__version__, "loss_history": history,
-        },
+        "metrics": {"test_accuracy": last["test_accuracy"], "train_accuracy": last["train_accuracy"],
+                    "train_loss": last["loss"]},
+        "training": {"method": model.config.grad, **asdict(options), "seconds": last["seconds"],
+                     "device": _device_name(dev), "processes": world, "torch": torch.__version__, "history": history},
     }
     monitors = [{"block": i, "every": b.monitor.every, "tolerance": b.monitor.tolerance,
                  "switched_at_step": b.monitor.switched_at, "checks": b.monitor.history}
                 for i, b in enumerate(model.blocks) if b.monitor is not None]
     if monitors:
         record["training"]["reconstruction_monitor"] = monitors
-    return model.cpu().eval(), record
+    return record
 
 
-def write_model_card(checkpoint, model: ODENet, record: dict):
+def write_model_card(checkpoint, model: ODENet, record: dict, command: str) -> Path:
     """Write ``<checkpoint>.md``: data, split, preprocessing, architecture, accuracy, command, time."""
-    from pathlib import Path
-
-    from .io import atomic_write
-
     path = Path(checkpoint).with_suffix(".md")
     cfg, data, tr = model.config, record["data"], record["training"]
     size = Path(checkpoint).stat().st_size
     lines = [
         f"# {Path(checkpoint).stem}",
         "",
-        f"An ODENet ({cfg.arch}) trained by resode ({tr['method']} gradients) from a {tr['init']} initialization"
-        " (Marion et al. 2024: tied weights, zero output layers).",
+        f"An ODENet ({cfg.arch}) trained by resode ({tr['method']} gradients) from a smooth-in-depth initialization"
+        " (Marion et al. 2024: tied weights, zero output layers)." if tr.get("init", "smooth") != "iid" else
+        f"An ODENet ({cfg.arch}) trained by resode ({tr['method']} gradients) from an i.i.d. initialization.",
         "",
         "| | |",
         "|---|---|",
@@ -141,15 +294,15 @@ def write_model_card(checkpoint, model: ODENet, record: dict):
         f"| interpolation | {cfg.interp} |",
         f"| parameters | {sum(p.numel() for p in model.parameters())} ({size / 1e6:.2f} MB file) |",
         f"| test accuracy | {100 * record['metrics']['test_accuracy']:.2f} % ({data['test_size']} test samples) |",
-        f"| final train loss | {record['metrics']['train_loss']:.4f} |",
-        f"| training | {tr['epochs']} epochs, batch {tr['batch_size']}, lr {tr['lr']}, weight decay {tr.get('weight_decay', 0)},"
-        f" {tr['optimizer']}, seed {tr['seed']} |",
-        f"| time and device | {tr['seconds']} s on {tr['device']}, torch {tr['torch']} |",
+        f"| train accuracy | {100 * record['metrics']['train_accuracy']:.2f} % (running, during the last epoch) |",
+        f"| training | {tr['epochs']} epochs, batch {tr['batch_size']}, {tr['optimizer']} lr {tr['lr']} ({tr['schedule']}),"
+        f" weight decay {tr['weight_decay']}, seed {tr['seed']} |",
+        f"| time and device | {tr['seconds']} s on {tr['device']}, {tr['processes']} process(es), torch {tr['torch']} |",
         "",
         "Trained with:",
         "",
         "```",
-        tr.get("command", "resode train"),
+        command,
         "```",
         "",
     ]
