@@ -62,8 +62,9 @@ def test_exact_methods_match_finite_differences(method, scheme):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("scheme, bound", [("euler", -0.8), ("heun", -1.8)])
-def test_adjoint_error_falls_with_depth_on_smooth_weights(scheme, bound):
+@pytest.mark.parametrize("method, scheme, bound", [("adjoint", "euler", -0.8), ("adjoint", "heun", -1.8),
+                                                   ("adjoint_fast", "euler", -0.8)])
+def test_adjoint_error_falls_with_depth_on_smooth_weights(method, scheme, bound):
     depths = [8, 16, 32, 64, 128, 256]
     errors = []
     for depth in depths:
@@ -71,10 +72,10 @@ def test_adjoint_error_falls_with_depth_on_smooth_weights(scheme, bound):
         model = smooth_knots_(model.double(), scale=0.5)
         x = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         _, ref = _grads(model, x, "backprop")
-        _, grads = _grads(model, x, "adjoint")
+        _, grads = _grads(model, x, method)
         errors.append(_rel_error(grads, ref))
     slope = fitted_slope(depths, errors)
-    print(f"adjoint {scheme}: slope {slope:.2f}, errors {[f'{e:.2e}' for e in errors]}")
+    print(f"{method} {scheme}: slope {slope:.2f}, errors {[f'{e:.2e}' for e in errors]}")
     assert slope <= bound, (slope, errors)
 
 
@@ -110,10 +111,22 @@ def test_adjoint_refuses_schemes_without_a_reverse_step(scheme):
 
 
 @pytest.mark.parametrize("grad, scheme", [("reversible", "heun"), ("symplectic", "reversible_heun"),
-                                          ("checkpoint", "reversible_heun")])
-def test_reversible_pairs_with_its_scheme_only(grad, scheme):
-    with pytest.raises(ResodeError, match="reversible"):
+                                          ("checkpoint", "reversible_heun"), ("adjoint_fast", "heun")])
+def test_methods_refuse_schemes_they_cannot_run(grad, scheme):
+    with pytest.raises(ResodeError, match="--grad"):
         ODENet(mlp_config(scheme=scheme, grad=grad))
+
+
+def test_fast_adjoint_error_against_the_plain_adjoint():
+    """The one-evaluation variant: same order, a larger constant (printed for the record)."""
+    model = smooth_knots_(ODENet(mlp_config(widths=(5,), depths=(128,), knots=(8,), interp="cubic"), seed=2).double(),
+                          scale=0.5)
+    x = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    _, ref = _grads(model, x, "backprop")
+    plain = _rel_error(_grads(model, x, "adjoint")[1], ref)
+    fast = _rel_error(_grads(model, x, "adjoint_fast")[1], ref)
+    print(f"depth 128 euler: adjoint error {plain:.2e}, adjoint_fast error {fast:.2e} ({fast / plain:.2f}x)")
+    assert plain < fast < 50 * plain
 
 
 def test_moving_a_model_to_reversible_heun_and_back():
@@ -133,7 +146,7 @@ def test_evaluation_without_grad_is_the_same_for_every_method():
     model = smooth_knots_(ODENet(mlp_config(scheme="heun"), seed=5))
     x = torch.randn(4, 6)
     with torch.no_grad():
-        outs = [model.discretize(grad=g)(x) for g in GRADIENTS if g != "reversible"]
+        outs = [model.discretize(grad=g)(x) for g in GRADIENTS if g not in ("reversible", "adjoint_fast")]
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
 
@@ -150,7 +163,7 @@ def test_float32_and_tied_weights(method):
 
 
 def test_unknown_gradient_method():
-    with pytest.raises(ResodeError, match="backprop, checkpoint, adjoint, symplectic, reversible"):
+    with pytest.raises(ResodeError, match="backprop, checkpoint, adjoint, symplectic, reversible, auto, adjoint_fast"):
         ODENet(mlp_config(grad="magic"))
 
 
