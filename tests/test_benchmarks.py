@@ -1,0 +1,44 @@
+"""The benchmark scripts run, and the memory claims hold on small sizes (bytes, not seconds)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(script, *args):
+    done = subprocess.run([sys.executable, str(BENCH / script), *args, "--json"], capture_output=True, text=True,
+                          timeout=600, env=ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def memory_rows():
+    return _run("memory.py", "--depths", "8,64")["rows"]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("method", ["adjoint", "reversible", "adjoint_fast"])
+def test_memory_free_methods_are_flat_in_depth(memory_rows, arch, method):
+    saved = {r["depth"]: r["saved_bytes"] for r in memory_rows if r["arch"] == arch and r["method"] == method}
+    assert saved[64] <= 1.05 * saved[8], saved
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_backprop_memory_grows_linearly(memory_rows, arch):
+    saved = {r["depth"]: r["saved_bytes"] for r in memory_rows if r["arch"] == arch and r["method"] == "backprop"}
+    assert saved[64] / saved[8] > 0.8 * 8, saved
+
+
+def test_gpu_benchmark_smoke_on_cpu():
+    result = _run("gpu.py", "--device", "cpu", "--channels", "8", "--size", "8", "--batch", "2", "--depths", "4",
+                  "--repeats", "1", "--no-torchdiffeq")
+    assert {r["method"] for r in result["rows"]} >= {"backprop", "adjoint", "symplectic", "reversible"}
+    assert all(r["step_ms"] > 0 for r in result["rows"])
