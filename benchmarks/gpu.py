@@ -87,7 +87,7 @@ def main() -> None:
             scheme = "reversible_heun" if method == "reversible" else "euler"
             block = ODEBlock(field, Curve({k: v.clone() for k, v in knots.items()}), depth, scheme, method).to(device)
 
-            def step(block=block):
+            def step(block=block, x=x):
                 block.zero_grad(set_to_none=True)
                 block(x).square().mean().backward()
 
@@ -104,7 +104,7 @@ def main() -> None:
                                               "euler")).to(device)
             t = torch.tensor([0.0, 1.0], device=device)
 
-            def step(func=func, t=t):
+            def step(func=func, t=t, x=x, depth=depth):
                 func.zero_grad(set_to_none=True)
                 y = odeint_adjoint(func, x, t, method="euler", options={"step_size": 1.0 / depth})[-1]
                 y.square().mean().backward()
