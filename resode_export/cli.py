@@ -23,7 +23,7 @@ from .curves import INTERPOLATIONS
 from .data import DATASETS
 from .errors import ResodeError
 from .fields import ACTIVATIONS
-from .gradients import GRADIENTS
+from .gradients import GRADIENTS, compatible
 from .network import ARCHS, INITS, MAX_DEPTH
 from .schemes import SCHEMES
 from .train import OPTIMIZERS, SCHEDULES
@@ -109,7 +109,9 @@ def convert(
         check_output_path(out)
     source, header, path = load_model(model)
     depths = parse_depths(depth, depth_scale, source.config.depths)
-    target = source.discretize(depths, scheme and scheme.value, interp and interp.value, n_basis)
+    new_scheme = scheme.value if scheme else source.config.scheme
+    grad = source.config.grad if compatible(source.config.grad, new_scheme) else "backprop"  # training-only setting
+    target = source.discretize(depths, new_scheme, interp and interp.value, n_basis, grad=grad)
     data = dataset_for(header)
     with progress_bar() as bar:
         report = compare(source, target, data, limit, progress=bar)

@@ -307,6 +307,14 @@ def reconstruction_error(field: Field, x: Tensor, curve: Curve, scheme: str, dep
     return float((y - x).norm() / x.norm().clamp_min(torch.finfo(x.dtype).tiny))
 
 
+def compatible(grad: str, scheme: str) -> bool:
+    try:
+        check_compatible(grad, scheme)
+    except ResodeError:
+        return False
+    return True
+
+
 def check_compatible(grad: str, scheme: str) -> None:
     """Raise a ResodeError naming the alternatives when ``grad`` cannot run ``scheme``."""
     reversible = isinstance(get_scheme(scheme), ReversibleHeun)

@@ -169,3 +169,14 @@ def test_train_bad_input(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--width", "8,x", "--out", tmp_path / "m.safetensors")
     assert code == 2 and "--width" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_leaves_a_training_method_that_cannot_run_the_new_scheme(capsys, tmp_path):
+    trained = tmp_path / "rev.safetensors"
+    code, _, err = run_cli(capsys, "train", "--depth", "4", "--width", "8", "--hidden", "8", "--epochs", "1",
+                           "--scheme", "reversible_heun", "--grad", "reversible", "--out", trained)
+    assert code == 0, err
+    out_path = tmp_path / "heun.safetensors"
+    code, out, err = run_cli(capsys, "convert", trained, "--scheme", "heun", "--out", out_path, "--json")
+    assert code == 0 and json.loads(out)["scheme"] == "heun", err
+    assert load_checkpoint(out_path)[0].config.grad == "backprop"
