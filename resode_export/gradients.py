@@ -77,14 +77,14 @@ class _Steps:
                 g.index_add_(0, rows.to(g.device), w * tg.unsqueeze(0))
 
 
-def _vjp(field: Field, x: Tensor, theta: Theta, cotangent: Tensor) -> tuple[Tensor, list[Tensor | None]]:
-    """(∂f/∂x)ᵀ v and (∂f/∂θ)ᵀ v at (x, θ), building one evaluation's graph."""
+def _vjp_with_value(field: Field, x: Tensor, theta: Theta, cotangent: Tensor):
+    """f(x, θ) and its VJPs with ``cotangent``, from one evaluation."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
         out = field(x, leaves)
         grads = torch.autograd.grad(out, [x, *leaves.values()], cotangent, allow_unused=True)
-    return grads[0], list(grads[1:])
+    return out.detach(), grads[0], list(grads[1:])
 
 
 def _stage_adjoint(field: Field, steps: _Steps, x: Tensor, thetas: list[Theta], g: Tensor,
@@ -117,7 +117,7 @@ def _stage_adjoint(field: Field, steps: _Steps, x: Tensor, thetas: list[Theta], 
                 k_bar = term if k_bar is None else k_bar + term
         if k_bar is None:  # a stage nothing depends on (b_i = 0 and unused later)
             continue
-        stage_bars[i], theta_grads = _vjp(field, stage_inputs[i], thetas[i], k_bar)
+        _, stage_bars[i], theta_grads = _vjp_with_value(field, stage_inputs[i], thetas[i], k_bar)
         steps.accumulate(grads, n, i, theta_grads)
         x_bar = x_bar + stage_bars[i]
     return x_bar
@@ -227,16 +227,6 @@ class _ReversibleFunction(torch.autograd.Function):
                 z = 2 * x - z - h * fz  # ẑ_{k−1}
             f_later = fz
         return (None, None, x_bar + z_bar, *grads)
-
-
-def _vjp_with_value(field: Field, x: Tensor, theta: Theta, cotangent: Tensor):
-    """f(x, θ) and its VJPs with ``cotangent``, from one evaluation."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-        out = field(x, leaves)
-        grads = torch.autograd.grad(out, [x, *leaves.values()], cotangent, allow_unused=True)
-    return out.detach(), grads[0], list(grads[1:])
 
 
 def _backprop(field, x, curve, scheme, depth):
