@@ -270,17 +270,23 @@ def _record(model: ODENet, data: Dataset, options: TrainOptions, history: list[d
     return record
 
 
+_INIT_TEXT = {
+    "smooth": "a smooth-in-depth initialization (Marion et al. 2024: the same weights at every step, zero output layers)",
+    "tied": "a tied initialization (one set of weights per stage, zero output layers; Sander et al. 2022)",
+    "iid": "an i.i.d. initialization (an independent draw per step)",
+}
+
+
 def write_model_card(checkpoint, model: ODENet, record: dict, command: str) -> Path:
     """Write ``<checkpoint>.md``: data, split, preprocessing, architecture, accuracy, command, time."""
     path = Path(checkpoint).with_suffix(".md")
     cfg, data, tr = model.config, record["data"], record["training"]
+    init = tr.get("init", "smooth")
     size = Path(checkpoint).stat().st_size
     lines = [
         f"# {Path(checkpoint).stem}",
         "",
-        f"An ODENet ({cfg.arch}) trained by resode ({tr['method']} gradients) from a smooth-in-depth initialization"
-        " (Marion et al. 2024: tied weights, zero output layers)." if tr.get("init", "smooth") != "iid" else
-        f"An ODENet ({cfg.arch}) trained by resode ({tr['method']} gradients) from an i.i.d. initialization.",
+        f"An ODENet ({cfg.arch}) trained by resode ({tr['method']} gradients) from {_INIT_TEXT.get(init, init)}.",
         "",
         "| | |",
         "|---|---|",
