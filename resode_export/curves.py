@@ -82,7 +82,7 @@ def _cubic(u: np.ndarray, num_knots: int) -> np.ndarray:
         return _linear(u, num_knots)
     if num_knots == 3:  # the not-a-knot spline on 3 points is the interpolating parabola
         w = np.stack([(u - 1) * (u - 2) / 2, -u * (u - 2), u * (u - 1) / 2], axis=1)
-        exact = u == np.round(u)
+        exact = (u == np.round(u)) & (u >= 0) & (u <= 2)  # at the knots themselves, bit for bit
         w[exact] = _constant(u[exact], 3)
         return w
     i, s = _segments(u, num_knots)

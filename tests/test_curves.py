@@ -25,6 +25,12 @@ def test_exact_at_knots(interp, num_knots, dtype):
     assert torch.equal(sampled, knots), "a knot must come back bit for bit"
 
 
+def test_three_knot_cubic_is_the_parabola_up_to_t_1():
+    curve = _curve([0.0, 1.0, 4.0], "cubic")  # knots of 9 t², t_k = k/3
+    values = curve.sample([0.5, 2 / 3, 0.99999, 1.0])["w"].detach().numpy()
+    assert values == pytest.approx([9 * 0.25, 4.0, 9 * 0.99999**2, 9.0], abs=1e-9)
+
+
 @pytest.mark.parametrize("num_knots", [4, 5, 9, 33])
 def test_cubic_reproduces_cubic_polynomials(num_knots):
     poly = lambda t: 0.3 - 1.2 * t + 2.5 * t**2 - 4.0 * t**3  # noqa: E731
