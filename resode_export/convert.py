@@ -8,6 +8,7 @@ its outputs from the source's.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from .data import Dataset, load_data
 from .errors import ResodeError
 from .evaluate import accuracy, predict, relative_deviation
 from .io import load_checkpoint
-from .network import ODENet, check_depth
+from .network import MAX_DEPTH, ODENet, check_depth
 
 MODELS_DIRS = (Path(__file__).parent / "models", Path(__file__).parent.parent / "models")
 DEFAULT_MODEL = "digits-mlp"
@@ -43,9 +44,11 @@ def parse_depths(depth: str | int | None, depth_scale: float | None, native: tup
     if depth is not None and depth_scale is not None:
         raise ResodeError("give --depth or --depth-scale, not both")
     if depth_scale is not None:
-        if not depth_scale > 0:
-            raise ResodeError(f"--depth-scale must be positive, got {depth_scale}")
+        if not 0 < depth_scale < math.inf:
+            raise ResodeError(f"--depth-scale must be positive and finite, got {depth_scale}")
         scaled = [d * depth_scale for d in native]
+        if any(s > MAX_DEPTH for s in scaled):
+            raise ResodeError(f"--depth-scale {depth_scale} gives depths {scaled} above the maximum {MAX_DEPTH}")
         if any(abs(s - round(s)) > 1e-9 for s in scaled):
             raise ResodeError(f"--depth-scale {depth_scale} does not give whole depths from {list(native)}")
         return tuple(check_depth(round(s)) for s in scaled)

@@ -114,7 +114,10 @@ def fashion_mnist(folder: str | os.PathLike | None = None, name: str = "fashion-
 def npz(path: str | os.PathLike) -> Dataset:
     """A ``.npz`` file with arrays ``x_train, y_train, x_test, y_test`` (read without pickle)."""
     try:
-        with np.load(path, allow_pickle=False) as fh:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ResodeError(f"{str(path)!r} is a single .npy array, not an .npz archive of named arrays")
+        with loaded as fh:
             arrays = {k: fh[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except KeyError as exc:
         raise ResodeError(f"{str(path)!r} lacks array {exc}; it needs x_train, y_train, x_test, y_test") from None
@@ -122,6 +125,8 @@ def npz(path: str | os.PathLike) -> Dataset:
         raise ResodeError(f"cannot read {str(path)!r} as .npz: {exc}") from None
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim < 2 or y.ndim != 1 or len(x) == 0:
+            raise ResodeError(f"{str(path)!r}: x_{split} must be (samples, features...) and y_{split} (samples,), non-empty")
         if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
             raise ResodeError(f"{str(path)!r}: x_{split} and y_{split} must have the same length, labels integers >= 0")
         if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():

@@ -87,6 +87,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         header = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as exc:
         raise ResodeError(f"{str(path)!r} has corrupt resode metadata: {exc}") from None
+    if not isinstance(header, dict) or not all(isinstance(header.get(k, {}), dict) for k in ("config", "data")):
+        raise ResodeError(f"{str(path)!r} has corrupt resode metadata: expected a JSON object with config and data objects")
     return tensors, header
 
 

@@ -95,6 +95,17 @@ class ODENetConfig:
             self.knots = self.depths
         if not len(self.widths) == len(self.depths) == len(self.knots) >= 1:
             raise ResodeError("widths, depths and knots need one entry per stage")
+        for name in ("in_shape", "widths", "knots"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise ResodeError(f"{name} must be positive integers, got {list(getattr(self, name))}")
+        for name in ("num_classes", "hidden", "groups", "stem_stride"):
+            if getattr(self, name) < 1:
+                raise ResodeError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        allowed = {"mlp": ("mlp", "linear"), "conv": ("conv",)}[self.arch]
+        if (self.field or self.arch) not in allowed:
+            raise ResodeError(f"arch {self.arch!r} takes fields {', '.join(allowed)}, not {self.field!r}")
+        if self.arch == "conv" and any(w % self.groups for w in self.widths):
+            raise ResodeError(f"conv widths {list(self.widths)} must be multiples of groups ({self.groups})")
         for d in self.depths:
             check_depth(d)
         expected = 1 if self.arch == "mlp" else 3

@@ -178,6 +178,9 @@ def train(
         raise ResodeError(f"data has samples of shape {data.in_shape}, the model expects {model.config.in_shape}")
     if resume and out is None:
         raise ResodeError("--resume needs the checkpoint of the run to continue (--out)")
+    classes = int(max(data.y_train.max(), data.y_test.max())) + 1
+    if classes > model.config.num_classes:
+        raise ResodeError(f"the data has labels up to {classes - 1}, the model has {model.config.num_classes} classes")
     dev = resolve_device(options.device)
     rank, world = _distributed(dev)
     if options.batch_size % world:

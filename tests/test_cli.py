@@ -180,3 +180,15 @@ def test_convert_leaves_a_training_method_that_cannot_run_the_new_scheme(capsys,
     code, out, err = run_cli(capsys, "convert", trained, "--scheme", "heun", "--out", out_path, "--json")
     assert code == 0 and json.loads(out)["scheme"] == "heun", err
     assert load_checkpoint(out_path)[0].config.grad == "backprop"
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["convert", "--depth-scale", "inf"], "finite"),
+    (["convert", "--depth-scale", "1e308"], "maximum"),
+    (["train", "--arch", "conv", "--width", "12"], "multiples of groups"),
+    (["train", "--width", "0"], "positive"),
+])
+def test_more_bad_arguments(capsys, tmp_path, args, hint):
+    code, out, err = run_cli(capsys, *args, "--out", tmp_path / "m.safetensors")
+    assert code == 2 and hint in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []

@@ -131,3 +131,14 @@ def test_output_folder_must_exist(tmp_path):
         save_checkpoint(tmp_path / "missing" / "m.safetensors", ODENet(mlp_config()))
     with pytest.raises(ResodeError, match="is a folder"):
         save_checkpoint(tmp_path, ODENet(mlp_config()))
+
+
+def test_metadata_of_the_wrong_shape(tmp_path):
+    for i, header in enumerate([[1, 2], {"format_version": 1, "config": {}, "data": "digits"}]):
+        path = tmp_path / f"odd{i}.safetensors"
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"resode": json.dumps(header)})
+        _expect(path, "corrupt resode metadata")
+    bad_knots = tmp_path / "knots.safetensors"
+    header = {"format_version": 1, "config": {"knots": [-1], "depths": [4], "widths": [4]}}
+    save_file({"w": torch.zeros(2)}, str(bad_knots), metadata={"resode": json.dumps(header)})
+    _expect(bad_knots, "positive")

@@ -191,3 +191,24 @@ def test_torchrun_two_processes_match_one(tmp_path):
         return load_checkpoint(out)[1]["training"]["history"][0]["loss"]
 
     assert run(2) == pytest.approx(run(1), rel=1e-5)
+
+
+def test_more_bad_npz_files(tmp_path):
+    single = tmp_path / "single.npz"
+    np.save(tmp_path / "a.npy", np.zeros((3, 4)))
+    (tmp_path / "a.npy").rename(single)
+    with pytest.raises(ResodeError, match="single .npy array"):
+        load_data(str(single))
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, x_train=np.zeros((0, 4)), y_train=np.zeros(0, int), x_test=np.zeros((0, 4)),
+             y_test=np.zeros(0, int))
+    with pytest.raises(ResodeError, match="non-empty"):
+        load_data(str(empty))
+
+
+def test_labels_beyond_the_models_classes(data):
+    wide = _model()
+    small = ODENet(ODENetConfig(arch="mlp", in_shape=(64,), num_classes=5, widths=(8,), depths=(2,), hidden=8))
+    with pytest.raises(ResodeError, match="labels up to 9, the model has 5 classes"):
+        train(small, data, _opts(), show_progress=False)
+    assert wide.config.num_classes == 10
