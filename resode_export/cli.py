@@ -189,19 +189,26 @@ def train(
     """Train an ODENet (from a smooth-in-depth start) or fine-tune a checkpoint."""
     from .convert import dataset_for, load_model, parse_depths
     from .data import load_data
-    from .io import check_output_path, save_checkpoint
+    from .io import check_output_path, load_checkpoint, save_checkpoint
     from .network import ODENet, ODENetConfig
     from .network import untie as untie_model
-    from .train import TrainOptions, write_model_card
+    from .train import TrainOptions, is_writer, write_model_card
     from .train import train as run_training
 
     check_output_path(out)
+    if out.suffix == ".md":
+        raise ResodeError(f"--out {str(out)!r} would be overwritten by the model card; use a .safetensors name")
     if adjoint and grad not in (None, GradName.adjoint):
         raise ResodeError(f"--adjoint conflicts with --grad {grad.value}; give one of them")
     method = "adjoint" if adjoint else (grad.value if grad else None)
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer.value,
                            schedule=schedule.value, weight_decay=weight_decay, seed=seed, device=device.value)
-    if model is not None:  # fine-tuning
+    if resume:  # the run's own model and data; its checkpoint carries them
+        if not out.is_file():
+            raise ResodeError(f"nothing to resume: no such file: {str(out)!r}")
+        net, header = load_checkpoint(out)
+        dataset = load_data(data, data_dir) if data else dataset_for(header)
+    elif model is not None:  # fine-tuning
         net, header, _ = load_model(model)
         depths = parse_depths(depth, None, net.config.depths)
         if untie:
@@ -225,11 +232,13 @@ def train(
     log_path = log if log is not None else out.with_name(out.stem + ".log.jsonl")
     if log is not None:
         check_output_path(log)
-    if not resume and log_path.exists():
+    if not resume and log_path.exists() and is_writer():
         log_path.unlink()  # a new run starts a new log
     net, record = run_training(net, dataset, options, out=out, resume=resume, log=log_path)
     record["training"]["init"] = "fine-tuned from " + str(model) if model else init.value
     command = "resode " + shlex.join(_invocation)
+    if not is_writer():
+        return
     save_checkpoint(out, net, {**record, "training": {**record["training"], "command": command}})
     card = write_model_card(out, net, record, command)
     cfg = net.config

@@ -124,14 +124,45 @@ def _load_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
     return header
 
 
-def _distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); starts the process group under torchrun."""
+def is_writer() -> bool:
+    """True in the process that writes files: the only one, or rank 0 under torchrun."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _distributed(device: torch.device) -> tuple[torch.device, int, int]:
+    """(device, rank, world size); starts the process group under torchrun, one GPU per local rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
+    return device, dist.get_rank(), world
+
+
+def _check_resumable(options: TrainOptions, state: dict, checkpoint_epochs: int) -> None:
+    """A resumed run must use the options it started with, and its two files must agree."""
+    saved = state.get("options", {})
+    changed = [f"--{k.replace('_', '-')} {saved[k]} (given {v})" for k, v in asdict(options).items()
+               if k != "device" and k in saved and saved[k] != v]
+    if changed:
+        raise ResodeError("resume with the run's own options: " + ", ".join(changed))
+    if checkpoint_epochs != state["epoch"]:
+        raise ResodeError(f"the checkpoint has {checkpoint_epochs} epochs but its optimizer state {state['epoch']}; "
+                          "the run was interrupted between the two writes: start it again")
+    if state["epoch"] >= options.epochs:
+        raise ResodeError(f"the run already finished its {options.epochs} epochs; nothing to resume")
+
+
+def _restore_monitors(model: ODENet, saved: list[dict]) -> None:
+    for entry in saved:
+        monitor = model.blocks[entry["block"]].monitor
+        if monitor is not None:
+            monitor.every, monitor.tolerance = entry["every"], entry["tolerance"]
+            monitor.calls, monitor.switched_at = entry.get("calls", 0), entry["switched_at_step"]
+            monitor.history = [tuple(c) for c in entry["checks"]]
 
 
 def _block_inputs(model: ODENet, x: torch.Tensor) -> list[torch.Tensor]:
@@ -174,19 +205,19 @@ def train(
     Raises:
         TrainingDiverged: a non-finite loss (the last good checkpoint stays in place).
     """
-    if tuple(data.in_shape) != tuple(model.config.in_shape):
-        raise ResodeError(f"data has samples of shape {data.in_shape}, the model expects {model.config.in_shape}")
     if resume and out is None:
         raise ResodeError("--resume needs the checkpoint of the run to continue (--out)")
+    if resume:
+        model, saved = load_checkpoint(out)
+        _restore_monitors(model, saved["training"].get("reconstruction_monitor", []))
+    if tuple(data.in_shape) != tuple(model.config.in_shape):
+        raise ResodeError(f"data has samples of shape {data.in_shape}, the model expects {model.config.in_shape}")
     classes = int(max(data.y_train.max(), data.y_test.max())) + 1
     if classes > model.config.num_classes:
         raise ResodeError(f"the data has labels up to {classes - 1}, the model has {model.config.num_classes} classes")
-    dev = resolve_device(options.device)
-    rank, world = _distributed(dev)
+    dev, rank, world = _distributed(resolve_device(options.device))
     if options.batch_size % world:
         raise ResodeError(f"--batch-size {options.batch_size} must be a multiple of the {world} processes")
-    if resume:
-        model, _ = load_checkpoint(out)
     model = model.to(dev)
     params = list(model.parameters())
     if options.optimizer == "adam":
@@ -197,13 +228,19 @@ def train(
     if resume:
         header = _load_state(state_path(out), opt)
         history, start_epoch, elapsed = header["history"], header["epoch"], header["seconds"]
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        _check_resumable(options, header, len(saved["training"]["history"]))
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     x_train, y_train = data.x_train.to(dev), data.y_train.to(dev)
     x_test, y_test = data.x_test.to(dev), data.y_test.to(dev)
     steps_per_epoch = -(-len(x_train) // options.batch_size)
     total = options.epochs * steps_per_epoch
     writer = rank == 0
     log = Path(log) if log is not None else None
+    if resume and log is not None and log.is_file() and writer:  # drop lines of an epoch that did not finish
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= start_epoch]
+        atomic_write(log, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
     start = time.perf_counter() - elapsed
     with progress_bar(disable=not (show_progress and writer)) as bar:
         task = bar.add_task("training", total=total, completed=start_epoch * steps_per_epoch)
@@ -218,9 +255,12 @@ def train(
                 logits = net(x_train[mine])
                 loss_sum_local = F.cross_entropy(logits, y_train[mine], reduction="sum")
                 loss = loss_sum_local * (world / len(idx))  # DDP averages over processes → global mean
-                if not torch.isfinite(loss):
+                finite = torch.isfinite(loss.detach()).double()
+                if world > 1:  # every process stops together, or the others wait in all-reduce forever
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if not finite:
                     kept = f"the last good checkpoint is {str(out)!r} (epoch {epoch})" if out and epoch else "nothing was written"
-                    raise TrainingDiverged(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                    raise TrainingDiverged(f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}; "
                                            f"{kept}; lower --lr")
                 for group in opt.param_groups:
                     group["lr"] = options.lr_at(step, total)
@@ -244,11 +284,12 @@ def train(
                 record = _record(model, data, options, history, dev, world)
                 if out is not None:
                     save_checkpoint(out, model, record)
-                    _save_state(state_path(out), opt, {"epoch": epoch + 1, "history": history,
-                                                       "seconds": row["seconds"], "options": asdict(options)})
                 if log is not None:
                     with log.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
+                if out is not None:  # last: the optimizer state marks the epoch as done
+                    _save_state(state_path(out), opt, {"epoch": epoch + 1, "history": history,
+                                                       "seconds": row["seconds"], "options": asdict(options)})
                 if show_progress:
                     bar.console.print(f"epoch {epoch + 1}/{options.epochs}: loss {row['loss']:.4f}, "
                                       f"train {100 * row['train_accuracy']:.2f} %, test {100 * test_acc:.2f} %, "
@@ -265,7 +306,7 @@ def _record(model: ODENet, data: Dataset, options: TrainOptions, history: list[d
         "training": {"method": model.config.grad, **asdict(options), "seconds": last["seconds"],
                      "device": _device_name(dev), "processes": world, "torch": torch.__version__, "history": history},
     }
-    monitors = [{"block": i, "every": b.monitor.every, "tolerance": b.monitor.tolerance,
+    monitors = [{"block": i, "every": b.monitor.every, "tolerance": b.monitor.tolerance, "calls": b.monitor.calls,
                  "switched_at_step": b.monitor.switched_at, "checks": b.monitor.history}
                 for i, b in enumerate(model.blocks) if b.monitor is not None]
     if monitors:

@@ -212,3 +212,38 @@ def test_labels_beyond_the_models_classes(data):
     with pytest.raises(ResodeError, match="labels up to 9, the model has 5 classes"):
         train(small, data, _opts(), show_progress=False)
     assert wide.config.num_classes == 10
+
+
+def test_cli_resumes_an_interrupted_run(capsys, tmp_path, monkeypatch):
+    args = ["train", "--depth", "4", "--width", "16", "--hidden", "16", "--epochs", "3", "--lr", "3e-3", "--json"]
+    full = tmp_path / "full.safetensors"
+    code, _, err = run_cli(capsys, *args, "--out", full)
+    assert code == 0, err
+
+    save_state = train_module._save_state
+
+    def interrupted(path, optimizer, meta):
+        save_state(path, optimizer, meta)
+        if meta["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run.safetensors"
+    monkeypatch.setattr(train_module, "_save_state", interrupted)
+    code, _, err = run_cli(capsys, *args, "--out", out)
+    assert code == 130, err
+    monkeypatch.setattr(train_module, "_save_state", save_state)
+    code, _, err = run_cli(capsys, *args[:-3], "--epochs", "5", "--resume", "--out", out)  # another schedule
+    assert code == 2 and "--epochs 3 (given 5)" in err, err
+    code, out_json, err = run_cli(capsys, *args, "--resume", "--out", out)
+    assert code == 0, err
+    for (name, a), b in zip(load_checkpoint(full)[0].state_dict().items(), load_checkpoint(out)[0].state_dict().values()):
+        assert torch.equal(a, b), name
+    rows = [json.loads(line) for line in (tmp_path / "run.log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    code, _, err = run_cli(capsys, *args, "--resume", "--out", out)
+    assert code == 2 and "already finished" in err
+
+
+def test_cli_refuses_an_out_the_card_would_overwrite(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "notes.md")
+    assert code == 2 and "model card" in err
