@@ -34,6 +34,7 @@ the per-step weights.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -46,15 +47,25 @@ from .fields import Field, Theta
 from .schemes import ButcherTableau, ReversibleHeun, get_scheme, reversible_heun_step, rk_step, solve, stage_grid
 
 
+@lru_cache(maxsize=64)
+def _basis_rows(interp: str, num_knots: int, n_basis: int | None, scheme: str, depth: int):
+    """The (U, K) interpolation weights of a solve's stage times, and each row's nonzero knots.
+
+    Cached: a training run builds the same solve at every step.
+    """
+    times, _ = stage_grid(scheme, depth)
+    basis = Curve({"_": torch.zeros(num_knots)}, interp, n_basis).basis(times)  # (U, K) float64
+    # the knots each sample depends on: 1 or 2 for constant/linear, all for cubic/smooth
+    return basis, [torch.from_numpy(np.flatnonzero(w.numpy())) for w in basis]
+
+
 class _Steps:
     """The weights of each step's stages, sampled from the knots one step at a time."""
 
     def __init__(self, curve: Curve, scheme: str, depth: int):
         times, self.index = stage_grid(scheme, depth)
         self.names = list(curve.knots.keys())
-        self.basis = curve.basis(times)  # (U, K) float64
-        # the knots each sample depends on: 1 or 2 for constant/linear, all for cubic/smooth
-        self.rows = [torch.from_numpy(np.flatnonzero(w.numpy())) for w in self.basis]
+        self.basis, self.rows = _basis_rows(curve.interp, curve.num_knots, curve.n_basis, scheme, depth)
         self.tableau = get_scheme(scheme)
         self.depth, self.h = depth, 1.0 / depth
 

@@ -69,8 +69,11 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.is_file():
         raise ResodeError(f"{str(path)!r} is not a file; give the path of a resode .safetensors checkpoint")
     with path.open("rb") as fh:
-        head = fh.read(4)
-    if head.startswith(_PICKLE_MAGIC):
+        head = fh.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header. Its first byte can be
+    # 0x80 like a pickle's, so a file is called a pickle only when it is not laid out as safetensors.
+    laid_out = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+    if not laid_out and head.startswith(_PICKLE_MAGIC):
         raise ResodeError(
             f"{str(path)!r} is a pickle/torch.save file; resode never unpickles files: "
             "give a resode .safetensors checkpoint"

@@ -84,6 +84,18 @@ def test_pickles_are_never_loaded(tmp_path):
     _expect(pt, "never unpickles")
 
 
+def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path):
+    """Header lengths 0x80, 0x280… begin with the pickle protocol byte; the layout decides."""
+    for pad in range(0, 300):
+        path = tmp_path / "m.safetensors"
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"resode": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no header length starting with 0x80 was produced")
+    _expect(path, "corrupt resode metadata")  # read as safetensors, not refused as a pickle
+
+
 def test_foreign_safetensors_files(tmp_path, checkpoint):
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
