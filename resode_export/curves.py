@@ -143,17 +143,31 @@ def _basis(interp: str, num_knots: int, n_basis: int | None, ts_bytes: bytes) ->
 
 @lru_cache(maxsize=256)
 def _pairs(interp: str, num_knots: int, n_basis: int | None, ts_bytes: bytes) -> tuple[Tensor, Tensor] | None:
-    """(index (T, 2), weight (T, 2)) when every sample mixes at most two knots, else None."""
-    w = _basis(interp, num_knots, n_basis, ts_bytes).numpy()
-    if np.count_nonzero(w, axis=1).max() > 2:
+    """(index (T, 2), weight (T, 2)) for ``constant`` and ``linear``, built without the dense basis."""
+    u = _knot_coordinates(np.frombuffer(ts_bytes, dtype=np.float64), num_knots)
+    if interp == "constant" or (interp in ("linear", "cubic") and num_knots == 1):
+        i = np.clip(np.floor(u), 0, num_knots - 1).astype(np.int64)
+        idx, w = np.stack([i, i], axis=1), np.stack([np.ones_like(u), np.zeros_like(u)], axis=1)
+    elif interp == "linear" or (interp == "cubic" and num_knots == 2):
+        i, s = _segments(u, num_knots)
+        idx, w = np.stack([i, i + 1], axis=1).astype(np.int64), np.stack([1 - s, s], axis=1)
+    else:
         return None
-    idx = np.argsort(w == 0, axis=1, kind="stable")[:, :2]  # the (up to) two nonzero columns first
-    if num_knots == 1:
-        idx = np.zeros((len(w), 2), dtype=np.int64)
-    wts = np.take_along_axis(w, idx, axis=1)
-    if num_knots == 1:
-        wts[:, 1] = 0.0
-    return torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(wts)
+    return torch.from_numpy(idx), torch.from_numpy(w)
+
+
+def sparse_weights(interp: str, num_knots: int, n_basis: int | None, ts: np.ndarray) -> list[tuple[Tensor, Tensor]]:
+    """For each time: (the knots it depends on, their weights, float64); two knots for constant/linear."""
+    key = (interp, num_knots, n_basis, np.ascontiguousarray(ts, dtype=np.float64).tobytes())
+    pairs = _pairs(*key)
+    if pairs is not None:
+        return list(zip(pairs[0], pairs[1]))
+    dense = _basis(*key)
+    out = []
+    for row in dense:
+        nz = torch.from_numpy(np.flatnonzero(row.numpy()))
+        out.append((nz, row[nz]))
+    return out
 
 
 class Curve(nn.Module):

@@ -41,22 +41,17 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .curves import Curve
+from .curves import Curve, sparse_weights
 from .errors import ResodeError, check_choice
 from .fields import Field, Theta
 from .schemes import ButcherTableau, ReversibleHeun, get_scheme, reversible_heun_step, rk_step, solve, stage_grid
 
 
 @lru_cache(maxsize=64)
-def _basis_rows(interp: str, num_knots: int, n_basis: int | None, scheme: str, depth: int):
-    """The (U, K) interpolation weights of a solve's stage times, and each row's nonzero knots.
-
-    Cached: a training run builds the same solve at every step.
-    """
+def _stage_weights(interp: str, num_knots: int, n_basis: int | None, scheme: str, depth: int):
+    """For each stage time of a solve: (knot indices, weights). Cached: training repeats the same solve."""
     times, _ = stage_grid(scheme, depth)
-    basis = Curve({"_": torch.zeros(num_knots)}, interp, n_basis).basis(times)  # (U, K) float64
-    # the knots each sample depends on: 1 or 2 for constant/linear, all for cubic/smooth
-    return basis, [torch.from_numpy(np.flatnonzero(w.numpy())) for w in basis]
+    return sparse_weights(interp, num_knots, n_basis, times)
 
 
 class _Steps:
@@ -65,7 +60,7 @@ class _Steps:
     def __init__(self, curve: Curve, scheme: str, depth: int):
         times, self.index = stage_grid(scheme, depth)
         self.names = list(curve.knots.keys())
-        self.basis, self.rows = _basis_rows(curve.interp, curve.num_knots, curve.n_basis, scheme, depth)
+        self.weights = _stage_weights(curve.interp, curve.num_knots, curve.n_basis, scheme, depth)
         self.tableau = get_scheme(scheme)
         self.depth, self.h = depth, 1.0 / depth
 
@@ -73,18 +68,17 @@ class _Steps:
         """Stage weights of step n: one {name: tensor} per stage."""
         out = []
         for u in self.index[n]:
-            rows = self.rows[u].to(knots[0].device)
-            w = self.basis[u, self.rows[u]].to(dtype=knots[0].dtype, device=knots[0].device)
+            rows, w = self.weights[u]
+            rows, w = rows.to(knots[0].device), w.to(dtype=knots[0].dtype, device=knots[0].device)
             out.append({name: torch.tensordot(w, k.index_select(0, rows), dims=1) for name, k in zip(self.names, knots)})
         return out
 
     def accumulate(self, grads: list[Tensor], n: int, stage: int, theta_grads: list[Tensor | None]) -> None:
         """Add a stage's weight gradients to the knots' gradients (the adjoint of sampling)."""
-        u = self.index[n][stage]
-        rows = self.rows[u]
+        rows, weights = self.weights[self.index[n][stage]]
         for g, tg in zip(grads, theta_grads):
             if tg is not None:
-                w = self.basis[u, rows].to(dtype=g.dtype, device=g.device).reshape(-1, *[1] * tg.dim())
+                w = weights.to(dtype=g.dtype, device=g.device).reshape(-1, *[1] * tg.dim())
                 g.index_add_(0, rows.to(g.device), w * tg.unsqueeze(0))
 
 
