@@ -63,6 +63,17 @@ def save_checkpoint(path: str | os.PathLike, model: ODENet, info: dict | None = 
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(header)}))
 
 
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the string metadata of a safetensors file; ResodeError if it is corrupt."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except Exception as exc:  # safetensors raises its own error types for every corruption
+        raise ResodeError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    return tensors, metadata
+
+
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.exists():
         raise ResodeError(f"no such file: {str(path)!r}; give the path of a resode .safetensors checkpoint")
@@ -78,12 +89,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"{str(path)!r} is a pickle/torch.save file; resode never unpickles files: "
             "give a resode .safetensors checkpoint"
         )
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except Exception as exc:  # safetensors raises its own error types for every corruption
-        raise ResodeError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    tensors, metadata = read_safetensors(path)
     if METADATA_KEY not in metadata:
         raise ResodeError(f"{str(path)!r} is a safetensors file but not a resode checkpoint (no {METADATA_KEY!r} metadata)")
     try:

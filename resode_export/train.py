@@ -22,14 +22,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .data import Dataset
 from .errors import ResodeError, check_choice
 from .evaluate import accuracy, predict, progress_bar
 from .gradients import reconstruction_error
-from .io import atomic_write, load_checkpoint, save_checkpoint
+from .io import atomic_write, load_checkpoint, read_safetensors, save_checkpoint
 from .network import ODENet
 
 OPTIMIZERS = ("adam", "sgd")
@@ -110,12 +109,11 @@ def _save_state(path: Path, optimizer: torch.optim.Optimizer, meta: dict) -> Non
 def _load_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
     if not path.is_file():
         raise ResodeError(f"cannot resume: {str(path)!r} is missing; start without --resume")
+    tensors, metadata = read_safetensors(path)
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            header = json.loads((fh.metadata() or {})["resode-train-state"])
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except Exception as exc:  # noqa: BLE001 - any corruption is bad input
-        raise ResodeError(f"cannot resume: {str(path)!r} is unreadable ({exc})") from None
+        header = json.loads(metadata["resode-train-state"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ResodeError(f"cannot resume: {str(path)!r} holds no readable training state ({exc!r})") from None
     state: dict[int, dict] = {}
     for key, value in [*tensors.items(), *header["scalars"].items()]:
         idx, name = key.split(".", 1)
