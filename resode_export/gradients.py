@@ -64,14 +64,15 @@ class _Steps:
         self.tableau = get_scheme(scheme)
         self.depth, self.h = depth, 1.0 / depth
 
+    def theta(self, knots: list[Tensor], n: int, stage: int) -> Theta:
+        """The weights of one stage of step n."""
+        rows, w = self.weights[self.index[n][stage]]
+        rows, w = rows.to(knots[0].device), w.to(dtype=knots[0].dtype, device=knots[0].device)
+        return {name: torch.tensordot(w, k.index_select(0, rows), dims=1) for name, k in zip(self.names, knots)}
+
     def thetas(self, knots: list[Tensor], n: int) -> list[Theta]:
         """Stage weights of step n: one {name: tensor} per stage."""
-        out = []
-        for u in self.index[n]:
-            rows, w = self.weights[u]
-            rows, w = rows.to(knots[0].device), w.to(dtype=knots[0].dtype, device=knots[0].device)
-            out.append({name: torch.tensordot(w, k.index_select(0, rows), dims=1) for name, k in zip(self.names, knots)})
-        return out
+        return [self.theta(knots, n, i) for i in range(len(self.index[n]))]
 
     def accumulate(self, grads: list[Tensor], n: int, stage: int, theta_grads: list[Tensor | None]) -> None:
         """Add a stage's weight gradients to the knots' gradients (the adjoint of sampling)."""
@@ -201,9 +202,9 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, field: Field, steps: _Steps, x: Tensor, *knots: Tensor) -> Tensor:
         with torch.no_grad():
-            z, fz = x, field(x, steps.thetas(list(knots), 0)[0])
+            z, fz = x, field(x, steps.theta(list(knots), 0, 0))
             for n in range(steps.depth):
-                x, z, fz = reversible_heun_step(field, x, z, fz, steps.thetas(list(knots), n)[1], steps.h)
+                x, z, fz = reversible_heun_step(field, x, z, fz, steps.theta(list(knots), n, 1), steps.h)
         ctx.field, ctx.steps = field, steps
         ctx.save_for_backward(x, z, *knots)
         return x
@@ -217,7 +218,7 @@ class _ReversibleFunction(torch.autograd.Function):
         f_later = None
         for k in reversed(range(steps.depth + 1)):
             n, stage = (k - 1, 1) if k > 0 else (0, 0)  # point k is stage 1 of step k−1 (or stage 0 of step 0)
-            theta = {name: v.detach() for name, v in steps.thetas(knots, n)[stage].items()}
+            theta = {name: v.detach() for name, v in steps.theta(knots, n, stage).items()}
             if k > 0:
                 f_bar = f_bar + (h / 2) * x_bar
             fz, z_grad, theta_grads = _vjp_with_value(field, z, theta, f_bar)

@@ -9,6 +9,7 @@ scheme and interpolation.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -231,14 +232,26 @@ class ODENet(nn.Module):
             n_basis=n_basis if n_basis is not None else (cfg.n_basis if interp in (None, cfg.interp) else None),
             grad=grad or cfg.grad,
         )
-        new = copy.deepcopy(self)
-        new.config = new_cfg
-        new.blocks = nn.ModuleList(
-            ODEBlock(b.field, Curve(dict(b.curve.knots.items()), new_cfg.interp, new_cfg.n_basis), d, new_cfg.scheme,
+        return self._with_blocks(new_cfg, [
+            ODEBlock(b.field, Curve(_copy_knots(b.curve.knots), new_cfg.interp, new_cfg.n_basis), d, new_cfg.scheme,
                      new_cfg.grad)
-            for b, d in zip(new.blocks, depths)
-        )
-        return new
+            for b, d in zip(self.blocks, depths)
+        ])
+
+    def _with_blocks(self, config: ODENetConfig, blocks: list[ODEBlock]) -> ODENet:
+        """A copy with this config and these blocks; stem, transitions and head are copied."""
+        own = self.blocks
+        self.blocks = nn.ModuleList()  # the old knots need no copy: they are replaced
+        try:
+            new = copy.deepcopy(self)
+        finally:
+            self.blocks = own
+        new.config, new.blocks = config, nn.ModuleList(blocks)
+        return new.train(self.training)
+
+
+def _copy_knots(knots: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in knots.items()}
 
 
 def untie(model: ODENet) -> ODENet:
@@ -247,17 +260,12 @@ def untie(model: ODENet) -> ODENet:
     A tied model (one knot per stage, Sander et al. 2022's pretraining) becomes a deep ResNet with
     identical weights at every step: a perfectly smooth start for fine-tuning, same outputs.
     """
-    new = copy.deepcopy(model)
     knots = tuple(b.depth for b in model.blocks)
-    new.config = replace(model.config, knots=knots)
     with torch.no_grad():
-        new.blocks = nn.ModuleList(
-            ODEBlock(b.field, Curve({k: v.detach().clone() for k, v in b.curve.sample([n / m for n in range(m)]).items()},
-                                    b.curve.interp, None), m, b.scheme, b.grad)
-            for b, m in zip(model.blocks, knots)
-        )
-    new.config = replace(new.config, n_basis=None)
-    return new
+        blocks = [ODEBlock(b.field, Curve(_copy_knots(b.curve.sample([n / m for n in range(m)])), b.curve.interp, None),
+                           m, b.scheme, b.grad)
+                  for b, m in zip(model.blocks, knots)]
+    return model._with_blocks(replace(model.config, knots=knots, n_basis=None), blocks)
 
 
 __all__ = ["MAX_DEPTH", "ODEBlock", "ODENet", "ODENetConfig", "check_depth", "untie"]
