@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     data = load_data(args.data)
@@ -48,13 +49,15 @@ def main() -> None:
                                       depths=(depth,) * n_stages, scheme=scheme, grad=method)
                 start = time.perf_counter()
                 _, record = train(ODENet(config, seed=0), data, TrainOptions(
-                    epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device="cpu"), show_progress=False)
+                    epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device), show_progress=False)
                 rows.append({"data": args.data, "arch": args.arch, "scheme": scheme, "depth": depth, "grad": method,
                              "test_accuracy": record["metrics"]["test_accuracy"],
                              "train_loss": record["metrics"]["train_loss"],
                              "seconds": round(time.perf_counter() - start, 1)})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
+    gpu = torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available() else None
     result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "device": gpu or "cpu",
                           "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "rows": rows}
     if args.json:
         print(json.dumps(result, indent=1))

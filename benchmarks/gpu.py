@@ -6,13 +6,18 @@ One ODE stage of a 64-channel conv field on 32×32 inputs, batch 128, depths 8..
 step: a ResNet of that depth). For each method: ``torch.cuda.max_memory_allocated`` over one
 forward + backward (after a warm-up), and the median time of ``--repeats`` CUDA-synchronized
 forward + backward steps; beside them torchdiffeq's ``odeint_adjoint`` (fixed-step Euler on the
-same field and weights) where torchdiffeq is installed. ``--device cpu`` with small sizes is a
+same field and weights) where torchdiffeq is installed. Every row also gives the weights' bytes and
+``peak_above_weights_bytes`` = peak − 2 × weights: what the method holds beyond the weights and
+their gradients, which every method has and which grow with depth in any ResNet (one knot per
+step); that is the figure that must stay flat. Each row is measured alone (the previous row's
+model freed). ``--device cpu`` with small sizes is a
 smoke test of the script itself (memory is then not measured).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -35,7 +40,7 @@ class _TorchdiffeqField(nn.Module):
         self.block = block
 
     def forward(self, t, x):
-        return self.block.field(x, self.block.curve(float(t)))
+        return self.block.field(x, self.block.curve(float(t.detach())))
 
 
 def _sync(device):
@@ -43,11 +48,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(step, device, repeats: int) -> tuple[int | None, float]:
+def measure(step, device, repeats: int) -> tuple[int | None, int | None, float]:
+    """(peak bytes during one step, bytes allocated before it, median seconds per step)."""
     step()  # warm-up (kernels, allocator)
     _sync(device)
-    peak = None
+    peak = before = None
     if device.type == "cuda":
+        step()  # a second one, so that the gradients' buffers exist as in training
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
         _sync(device)
@@ -58,7 +67,22 @@ def measure(step, device, repeats: int) -> tuple[int | None, float]:
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return peak, statistics.median(times)
+    return peak, before, statistics.median(times)
+
+
+def _row(method, scheme, depth, module, measured):
+    peak, before, seconds = measured
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    return {"method": method, "scheme": scheme, "depth": depth, "peak_bytes": peak, "param_bytes": params,
+            # what a method holds beyond the weights and their gradients (which every method has): flat or not
+            "peak_above_weights_bytes": None if peak is None else peak - 2 * params,
+            "resident_before_step_bytes": before, "step_ms": round(1000 * seconds, 3)}
+
+
+def _release(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -91,10 +115,9 @@ def main() -> None:
                 block.zero_grad(set_to_none=True)
                 block(x).square().mean().backward()
 
-            peak, seconds = measure(step, device, args.repeats)
-            rows.append({"method": method, "scheme": scheme, "depth": depth, "peak_bytes": peak,
-                         "step_ms": round(1000 * seconds, 3)})
-            del block
+            rows.append(_row(method, scheme, depth, block, measure(step, device, args.repeats)))
+            del block, step
+            _release(device)
         if not args.no_torchdiffeq:
             try:
                 from torchdiffeq import odeint_adjoint
@@ -109,9 +132,11 @@ def main() -> None:
                 y = odeint_adjoint(func, x, t, method="euler", options={"step_size": 1.0 / depth})[-1]
                 y.square().mean().backward()
 
-            peak, seconds = measure(step, device, args.repeats)
-            rows.append({"method": "torchdiffeq.odeint_adjoint", "scheme": "euler", "depth": depth,
-                         "peak_bytes": peak, "step_ms": round(1000 * seconds, 3)})
+            rows.append(_row("torchdiffeq.odeint_adjoint", "euler", depth, func, measure(step, device, args.repeats)))
+            del func, step
+            _release(device)
+        del x
+        _release(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"device": name, "torch": torch.__version__, "workload": {
         "channels": args.channels, "size": args.size, "batch": args.batch, "repeats": args.repeats}, "rows": rows}
@@ -120,7 +145,9 @@ def main() -> None:
     else:
         for r in rows:
             peak = f"{r['peak_bytes'] / 2**20:.0f} MiB" if r["peak_bytes"] is not None else "-"
-            print(f"{r['method']:>28} depth {r['depth']:>4}: {peak:>10}, {r['step_ms']:.1f} ms")
+            above = f"{r['peak_above_weights_bytes'] / 2**20:.0f} MiB" if r["peak_bytes"] is not None else "-"
+            print(f"{r['method']:>28} depth {r['depth']:>4}: peak {peak:>10} ({above:>9} above weights + grads), "
+                  f"{r['step_ms']:.1f} ms")
 
 
 if __name__ == "__main__":

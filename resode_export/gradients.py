@@ -13,10 +13,12 @@ Each method solves the block forward and makes the gradient reach the curve's kn
   one vector–Jacobian product per step.
 - ``auto``: ``adjoint`` watched by a :class:`ReconstructionMonitor`, which switches the block to
   ``symplectic`` when the reconstruction of the block's input drifts past a tolerance.
-- ``adjoint_fast`` (Euler only): the adjoint with one evaluation of f per backward step, at
-  x_{n+1}: it reconstructs x̃_n = x_{n+1} − h f(x_{n+1}, θ_n) and takes the vector–Jacobian
-  product at x_{n+1} instead of x̃_n. Cheaper (one evaluation and one VJP per step instead of two
-  evaluations and one VJP), with a larger O(1/M) gradient error (measured in the tests).
+- ``adjoint_fast`` (Euler only): the adjoint with one evaluation of f per backward step. The
+  evaluation F_n = f(x̃_n, θ_n) at the reconstructed input serves the step's vector–Jacobian
+  product and the next reconstruction, x̃_{n−1} = x̃_n − h(2F_n − F_{n+1}): the path's f
+  extrapolated linearly in time (Adams–Bashforth 2 run backwards), so the reconstruction is second
+  order and, on weights smooth in depth, the gradient error falls like 1/M² (measured in the tests)
+  with one evaluation per step fewer than ``adjoint``. Rough weights break the extrapolation.
 - ``adjoint``: the memory-free discrete adjoint (Sander et al. 2022). Forward keeps only the
   output; backward reconstructs each step's input by running the scheme backwards, then takes one
   vector–Jacobian product through the step. Memory does not grow with depth.
@@ -54,20 +56,43 @@ def _stage_weights(interp: str, num_knots: int, n_basis: int | None, scheme: str
     return sparse_weights(interp, num_knots, n_basis, times)
 
 
+@lru_cache(maxsize=64)
+def _stage_plan(interp: str, num_knots: int, n_basis: int | None, scheme: str, depth: int,
+                device: torch.device, dtype: torch.dtype) -> tuple:
+    """``_stage_weights`` on the knots' device: for each stage time either the index of the one knot
+    it equals (weight 1: the sample is a view, its gradient one add) or (indices, weights) tensors
+    there. Built once per solve shape, so stepping never copies from the host (a synchronizing copy
+    per step stalled the GPU)."""
+    plan = []
+    for rows, w in _stage_weights(interp, num_knots, n_basis, scheme, depth):
+        keep = w != 0
+        rows, w = rows[keep], w[keep]
+        if len(rows) == 1 and float(w[0]) == 1.0:
+            plan.append(int(rows[0]))
+        else:
+            plan.append((rows.to(device), w.to(dtype=dtype, device=device)))
+    return tuple(plan)
+
+
 class _Steps:
     """The weights of each step's stages, sampled from the knots one step at a time."""
 
     def __init__(self, curve: Curve, scheme: str, depth: int):
         times, self.index = stage_grid(scheme, depth)
         self.names = list(curve.knots.keys())
-        self.weights = _stage_weights(curve.interp, curve.num_knots, curve.n_basis, scheme, depth)
+        self.key = (curve.interp, curve.num_knots, curve.n_basis, scheme, depth)
         self.tableau = get_scheme(scheme)
         self.depth, self.h = depth, 1.0 / depth
 
+    def _plan(self, like: Tensor, n: int, stage: int):
+        return _stage_plan(*self.key, like.device, like.dtype)[self.index[n][stage]]
+
     def theta(self, knots: list[Tensor], n: int, stage: int) -> Theta:
         """The weights of one stage of step n."""
-        rows, w = self.weights[self.index[n][stage]]
-        rows, w = rows.to(knots[0].device), w.to(dtype=knots[0].dtype, device=knots[0].device)
+        plan = self._plan(knots[0], n, stage)
+        if isinstance(plan, int):
+            return {name: k[plan] for name, k in zip(self.names, knots)}
+        rows, w = plan
         return {name: torch.tensordot(w, k.index_select(0, rows), dims=1) for name, k in zip(self.names, knots)}
 
     def thetas(self, knots: list[Tensor], n: int) -> list[Theta]:
@@ -76,11 +101,15 @@ class _Steps:
 
     def accumulate(self, grads: list[Tensor], n: int, stage: int, theta_grads: list[Tensor | None]) -> None:
         """Add a stage's weight gradients to the knots' gradients (the adjoint of sampling)."""
-        rows, weights = self.weights[self.index[n][stage]]
+        plan = self._plan(grads[0], n, stage)
         for g, tg in zip(grads, theta_grads):
-            if tg is not None:
-                w = weights.to(dtype=g.dtype, device=g.device).reshape(-1, *[1] * tg.dim())
-                g.index_add_(0, rows.to(g.device), w * tg.unsqueeze(0))
+            if tg is None:
+                continue
+            if isinstance(plan, int):
+                g[plan].add_(tg)
+            else:
+                rows, w = plan
+                g.index_add_(0, rows, w.reshape(-1, *[1] * tg.dim()) * tg.unsqueeze(0))
 
 
 def _vjp_with_value(field: Field, x: Tensor, theta: Theta, cotangent: Tensor):
@@ -173,10 +202,15 @@ class _SolveFunction(torch.autograd.Function):
         x = y
         for n in reversed(range(steps.depth)):
             thetas = [{k: v.detach() for k, v in t.items()} for t in steps.thetas(knots, n)]
-            if ctx.method == "adjoint_fast":  # one evaluation at x_{n+1} reconstructs and linearizes
+            if ctx.method == "adjoint_fast":
+                if n == steps.depth - 1:  # x̃_{M−1} as the plain adjoint has it
+                    with torch.no_grad():
+                        f_later = field(x, thetas[0])
+                        x = x - steps.h * f_later
                 fx, x_grad, theta_grads = _vjp_with_value(field, x, thetas[0], steps.h * g)
                 steps.accumulate(grads, n, 0, theta_grads)
-                x, g = x - steps.h * fx, g + x_grad
+                # x̃_{n−1} = x̃_n − h f(x_{n−1}, θ_{n−1}), with f along the path extrapolated from its last two values
+                x, g, f_later = x - steps.h * (2 * fx - f_later), g + x_grad, fx
                 continue
             if ctx.method == "adjoint":
                 with torch.no_grad():

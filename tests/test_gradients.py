@@ -63,7 +63,7 @@ def test_exact_methods_match_finite_differences(method, scheme):
 
 
 @pytest.mark.parametrize("method, scheme, bound", [("adjoint", "euler", -0.8), ("adjoint", "heun", -1.8),
-                                                   ("adjoint_fast", "euler", -0.8)])
+                                                   ("adjoint_fast", "euler", -1.5)])
 def test_adjoint_error_falls_with_depth_on_smooth_weights(method, scheme, bound):
     depths = [8, 16, 32, 64, 128, 256]
     errors = []
@@ -118,15 +118,18 @@ def test_methods_refuse_schemes_they_cannot_run(grad, scheme):
 
 
 def test_fast_adjoint_error_against_the_plain_adjoint():
-    """The one-evaluation variant: same order, a larger constant (printed for the record)."""
-    model = smooth_knots_(ODENet(mlp_config(widths=(5,), depths=(128,), knots=(8,), interp="cubic"), seed=2).double(),
-                          scale=0.5)
-    x = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    _, ref = _grads(model, x, "backprop")
-    plain = _rel_error(_grads(model, x, "adjoint")[1], ref)
-    fast = _rel_error(_grads(model, x, "adjoint_fast")[1], ref)
-    print(f"depth 128 euler: adjoint error {plain:.2e}, adjoint_fast error {fast:.2e} ({fast / plain:.2f}x)")
-    assert plain < fast < 50 * plain
+    """The one-evaluation variant reconstructs to second order: its error overtakes the plain adjoint's."""
+    ratios = {}
+    for depth in (32, 256):
+        model = smooth_knots_(ODENet(mlp_config(widths=(5,), depths=(depth,), knots=(8,), interp="cubic"), seed=2).double(),
+                              scale=0.5)
+        x = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        _, ref = _grads(model, x, "backprop")
+        plain = _rel_error(_grads(model, x, "adjoint")[1], ref)
+        fast = _rel_error(_grads(model, x, "adjoint_fast")[1], ref)
+        ratios[depth] = fast / plain
+        print(f"depth {depth} euler: adjoint error {plain:.2e}, adjoint_fast error {fast:.2e} ({fast / plain:.2f}x)")
+    assert ratios[256] < 1 and ratios[256] < ratios[32] / 4
 
 
 def test_moving_a_model_to_reversible_heun_and_back():
