@@ -1,0 +1,169 @@
+"""Export an ODENet to ONNX (static or dynamic depth), TorchScript or ``torch.export`` (pt2).
+
+Every export verifies itself before it lands: the written file is loaded by its own runtime
+(onnxruntime on CPU, ``torch.jit.load``, ``torch.export.load``), run on fresh random inputs and
+on real test data, and compared with the PyTorch model; above the tolerance the file is removed
+and :class:`ExportMismatch` raised. Files are written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import Dataset
+from ..errors import ResodeError, check_choice
+from ..evaluate import predict, relative_deviation
+from ..io import check_output_path
+from ..network import ODENet
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
+TOLERANCE = 1e-4  # max relative deviation from PyTorch (float32)
+DYNAMIC_CHECK_DEPTHS = (4, 16, 64, 256)
+PROTOBUF_LIMIT = 2**31 - 2**20  # one self-contained .onnx file below 2 GB; above, external data
+
+
+class ExportMismatch(RuntimeError):
+    """The exported file does not reproduce the PyTorch model (exit 1: a bug, not bad input)."""
+
+
+def onnx_session(path: str | os.PathLike, threads: int = 1):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, x: np.ndarray, depth: int | None = None, batch_size: int = 500) -> np.ndarray:
+    """Logits of an exported graph on x (N, *in_shape), in batches."""
+    names = {i.name for i in session.get_inputs()}
+    out = []
+    for i in range(0, len(x), batch_size):
+        feed = {"input": np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)}
+        if "depth" in names:
+            if depth is None:
+                raise ResodeError("this ONNX file takes the depth at run time: give --depth")
+            feed["depth"] = np.array(depth, dtype=np.int64)
+        out.append(session.run(["logits"], feed)[0])
+    return np.concatenate(out)
+
+
+def _inputs(model: ODENet, data: Dataset | None, limit: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1234)
+    xs = [torch.randn(3, *model.config.in_shape, generator=gen)]
+    if data is not None and tuple(data.x_test.shape[1:]) == tuple(model.config.in_shape):
+        xs.append(data.x_test[:limit].float())
+    return xs
+
+
+def _runner(fmt: str, path: str):
+    """A function x (Tensor) [, depth] → logits (Tensor), running the file as a user would."""
+    if fmt == "onnx":
+        session = onnx_session(path)
+        return lambda x, depth=None: torch.from_numpy(run_onnx(session, x.numpy(), depth))
+    if fmt == "torchscript":
+        module = torch.jit.load(path)
+    else:
+        module = torch.export.load(path).module()
+
+    def run(x, depth=None):
+        with torch.no_grad():
+            return module(x)
+
+    return run
+
+
+def verify(model: ODENet, fmt: str, path: str, data: Dataset | None, dynamic_depth: bool,
+           depths=DYNAMIC_CHECK_DEPTHS) -> float:
+    """Max relative deviation of the file's logits from the PyTorch model's."""
+    run = _runner(fmt, path)
+    worst = 0.0
+    cases = [(d, model.discretize(depth=d)) for d in depths] if dynamic_depth else [(None, model)]
+    for depth, reference in cases:
+        for x in _inputs(model, data, 64 if dynamic_depth else 256):
+            dev = relative_deviation(run(x, depth), predict(reference, x))
+            worst = max(worst, float(dev.max()) if torch.isfinite(dev).all() else float("inf"))
+    return worst
+
+
+def default_path(source: Path, fmt: str, model: ODENet, dynamic_depth: bool) -> Path:
+    depth = "dyn" if dynamic_depth else "-".join(str(d) for d in sorted(set(model.config.depths)))
+    return source.with_name(f"{source.stem}-{depth}-{model.config.scheme}{FORMATS[fmt]}")
+
+
+def _write_onnx(proto, tmp: str) -> None:
+    import onnx
+
+    if proto.ByteSize() < PROTOBUF_LIMIT:
+        onnx.save_model(proto, tmp)
+        return
+    raise ResodeError(f"the ONNX graph would be {proto.ByteSize() / 2**30:.1f} GiB, above protobuf's 2 GB limit "
+                      "for one file; export at a smaller depth or use --dynamic-depth (its size does not grow "
+                      "with depth)")
+
+
+def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_depth: bool = False,
+                 data: Dataset | None = None, tolerance: float = TOLERANCE, metadata: dict | None = None) -> dict:
+    """Export, verify and atomically write ``model``; returns the JSON-ready record.
+
+    Args:
+        fmt: ``onnx``, ``torchscript`` or ``pt2``.
+        dynamic_depth: ONNX only: one graph taking the depth at run time.
+        data: its test split is part of the verification, beside random inputs.
+    Raises:
+        ResodeError: bad options. ExportMismatch: the file does not reproduce the model (removed).
+    """
+    check_choice("export format", fmt, FORMATS)
+    if dynamic_depth and fmt != "onnx":
+        raise ResodeError("--dynamic-depth is an ONNX form; use --format onnx")
+    out = check_output_path(out)
+    model = model.float().cpu().eval()
+    meta = {"resode.scheme": model.config.scheme, "resode.depths": ",".join(map(str, model.config.depths)),
+            "resode.dynamic_depth": str(dynamic_depth).lower(), **{k: str(v) for k, v in (metadata or {}).items()}}
+    start = time.perf_counter()
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=FORMATS[fmt], dir=out.parent)
+    os.close(fd)
+    try:
+        if fmt == "onnx":
+            from .onnx_graph import dynamic_graph, static_graph
+
+            proto = (dynamic_graph if dynamic_depth else static_graph)(model, meta)
+            _write_onnx(proto, tmp)
+        elif fmt == "torchscript":
+            from .torch_graph import torchscript
+
+            torch.jit.save(torchscript(model), tmp, _extra_files={"resode.json": repr(meta)})
+        else:
+            from .torch_graph import exported_program
+
+            torch.export.save(exported_program(model), tmp)
+        seconds = time.perf_counter() - start
+        verify_start = time.perf_counter()
+        deviation = verify(model, fmt, tmp, data, dynamic_depth)
+        if not deviation <= tolerance:
+            raise ExportMismatch(f"the exported {fmt} file deviates from the PyTorch model by {deviation:.2e} "
+                                 f"(relative, above {tolerance:.0e}); nothing was written")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    depths = sorted(set(model.config.depths))
+    return {
+        "path": str(out), "format": fmt, "dynamic_depth": dynamic_depth,
+        "depth": None if dynamic_depth else (depths[0] if len(depths) == 1 else list(model.config.depths)),
+        "scheme": model.config.scheme, "bytes": out.stat().st_size, "max_rel_deviation": deviation,
+        "checked_depths": list(DYNAMIC_CHECK_DEPTHS) if dynamic_depth else None,
+        "seconds": round(seconds, 3), "verify_seconds": round(time.perf_counter() - verify_start, 3),
+    }
+
+
+__all__ = ["FORMATS", "ExportMismatch", "default_path", "export_model", "onnx_session", "run_onnx", "verify"]

@@ -1,0 +1,401 @@
+"""ONNX graphs of an ODENet, built node by node from the known structure.
+
+The stock ``torch.onnx.export`` traces the Python stepping loop: minutes for a 1024-step solve.
+The network's structure is known here (stem → [ODE block → transition] → head, a field, a
+Butcher tableau), so the graph is written directly with ``onnx.helper``: a second or less at
+any depth. Two forms:
+
+- **static**: the solve unrolled at one depth and scheme; each stage time's weights are sampled
+  from the curve exactly as the PyTorch model samples them, and stored as initializers.
+- **dynamic depth**: inputs ``input`` and ``depth`` (int64 scalar). The curves are stored as
+  piecewise polynomials in t (their exact form: every interpolation here is piecewise cubic or
+  lower on a uniform grid), so the file size does not depend on depth. Before the loop, the
+  graph evaluates the weights of every step's stages at once (gathering each step's piece and
+  evaluating its polynomial); a ``Loop`` then runs ``UNROLL`` steps per iteration, gathering
+  its weights by step index, and a second loop runs the remaining ``depth mod UNROLL`` steps.
+  Piece indices are computed in exact integer arithmetic, as the PyTorch side snaps t·K.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ..curves import Curve, default_num_basis
+from ..errors import ResodeError
+from ..fields import ConvField, Field, LinearField, MLPField
+from ..network import ODEBlock, ODENet
+from ..schemes import ButcherTableau, ReversibleHeun, get_scheme, stage_grid
+
+OPSET = 17
+UNROLL = 8  # steps per Loop iteration in the dynamic-depth graph (a Loop iteration costs ~15 µs in onnxruntime)
+GN_EPS = 1e-5  # torch.nn.functional.group_norm's default
+
+
+class GraphBuilder:
+    """Nodes and initializers with unique names; ``op`` returns the output name(s)."""
+
+    def __init__(self, prefix: str = ""):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.prefix = prefix
+        self._count = 0
+        self._scalars: dict[tuple, str] = {}
+
+    def fresh(self, base: str) -> str:
+        self._count += 1
+        return f"{self.prefix}{base}_{self._count}"
+
+    def const(self, array: np.ndarray, base: str = "c") -> str:
+        name = self.fresh(base)
+        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))  # keeps 0-d arrays 0-d
+        return name
+
+    def scalar(self, value: float, dtype=np.float32) -> str:
+        key = (float(value), np.dtype(dtype).str)
+        if key not in self._scalars:
+            self._scalars[key] = self.const(np.array(value, dtype=dtype), "s")
+        return self._scalars[key]
+
+    def ints(self, values) -> str:
+        return self.const(np.asarray(values, dtype=np.int64), "i")
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs) -> str | list[str]:
+        outs = [self.fresh(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+# --- layers ---------------------------------------------------------------------------------
+
+
+def _act(g: GraphBuilder, x: str, name: str) -> str:
+    if name == "relu":
+        return g.op("Relu", [x])
+    if name == "tanh":
+        return g.op("Tanh", [x])
+    if name == "gelu":  # exact (erf) GELU, as torch's default; Gelu is an op only from opset 20
+        erf = g.op("Erf", [g.op("Mul", [x, g.scalar(1 / math.sqrt(2))])])
+        return g.op("Mul", [g.op("Mul", [x, g.scalar(0.5)]), g.op("Add", [erf, g.scalar(1.0)])])
+    raise ResodeError(f"no ONNX form for activation {name!r}")
+
+
+def _group_norm(g: GraphBuilder, x: str, groups: int, gamma: str, beta: str) -> str:
+    """GroupNorm on (B, C, H, W); gamma and beta already shaped (C, 1, 1)."""
+    grouped = g.op("Reshape", [x, g.ints([0, groups, -1])])
+    mean = g.op("ReduceMean", [grouped], axes=[2], keepdims=1)
+    centred = g.op("Sub", [grouped, mean])
+    var = g.op("ReduceMean", [g.op("Mul", [centred, centred])], axes=[2], keepdims=1)
+    normed = g.op("Div", [centred, g.op("Sqrt", [g.op("Add", [var, g.scalar(GN_EPS)])])])
+    normed = g.op("Reshape", [normed, g.op("Shape", [x])])
+    return g.op("Add", [g.op("Mul", [normed, gamma]), beta])
+
+
+def _conv(g: GraphBuilder, x: str, w: str, b: str, stride: int = 1) -> str:
+    return g.op("Conv", [x, w, b], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[stride, stride])
+
+
+def field_layout(field: Field, name: str, array: np.ndarray) -> np.ndarray:
+    """A parameter (with any leading axes) in the layout the ONNX field takes: GroupNorm's affine as (C, 1, 1)."""
+    if isinstance(field, ConvField) and name in ("gamma", "beta"):
+        return array.reshape(*array.shape, 1, 1)
+    return array
+
+
+def emit_field(g: GraphBuilder, field: Field, x: str, theta: dict[str, str]) -> str:
+    if isinstance(field, MLPField):
+        z = g.op("Gemm", [x, theta["W"], theta["b"]], transB=1)
+        return g.op("Gemm", [_act(g, z, field.activation), theta["V"]], transB=1)
+    if isinstance(field, LinearField):
+        return g.op("Gemm", [x, theta["A"]], transB=1)
+    if isinstance(field, ConvField):
+        z = _conv(g, x, theta["w1"], theta["b1"])
+        z = _group_norm(g, z, field.groups, theta["gamma"], theta["beta"])
+        return _conv(g, _act(g, z, field.activation), theta["w2"], theta["b2"])
+    raise ResodeError(f"no ONNX form for field {field.name!r}")
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().float().numpy()
+
+
+def _linear(g: GraphBuilder, x: str, layer: torch.nn.Linear) -> str:
+    return g.op("Gemm", [x, g.const(_array(layer.weight), "W"), g.const(_array(layer.bias), "b")], transB=1)
+
+
+def _conv_layer(g: GraphBuilder, x: str, layer: torch.nn.Conv2d) -> str:
+    return _conv(g, x, g.const(_array(layer.weight), "w"), g.const(_array(layer.bias), "b"), layer.stride[0])
+
+
+def emit_stem(g: GraphBuilder, model: ODENet, x: str) -> str:
+    if model.config.arch == "mlp":
+        return _linear(g, x, model.stem)
+    return _act(g, _conv_layer(g, x, model.stem[0]), model.config.activation)
+
+
+def emit_transition(g: GraphBuilder, model: ODENet, i: int, x: str) -> str:
+    layer = model.transitions[i]
+    return _linear(g, x, layer) if model.config.arch == "mlp" else _conv_layer(g, x, layer)
+
+
+def emit_head(g: GraphBuilder, model: ODENet, x: str) -> str:
+    if model.config.arch == "mlp":
+        return _linear(g, x, model.head)
+    norm, linear = model.head[0], model.head[4]
+    gamma = g.const(_array(norm.weight).reshape(-1, 1, 1), "gamma")
+    beta = g.const(_array(norm.bias).reshape(-1, 1, 1), "beta")
+    x = _act(g, _group_norm(g, x, norm.num_groups, gamma, beta), model.config.activation)
+    x = g.op("Flatten", [g.op("GlobalAveragePool", [x])], axis=1)
+    return _linear(g, x, linear)
+
+
+# --- one step of a scheme -------------------------------------------------------------------
+
+
+def emit_rk_step(g: GraphBuilder, field: Field, tableau: ButcherTableau, x: str, thetas: list[dict[str, str]],
+                 h_times) -> str:
+    """x + h Σ b_i k_i as :func:`schemes.rk_step` computes it; ``h_times(c)`` names the constant h·c."""
+    ks: list[str] = []
+    for i, theta in enumerate(thetas):
+        xi = x
+        for j, aij in enumerate(tableau.a[i][:i]):
+            if aij:
+                xi = g.op("Add", [xi, g.op("Mul", [h_times(aij), ks[j]])])
+        ks.append(emit_field(g, field, xi, theta))
+    if tableau.stages == 1:
+        return g.op("Add", [x, g.op("Mul", [h_times(1.0), ks[0]])])
+    update = None
+    for bi, k in zip(tableau.b, ks):
+        if bi:
+            term = g.op("Mul", [g.scalar(bi), k])
+            update = term if update is None else g.op("Add", [update, term])
+    return g.op("Add", [x, g.op("Mul", [h_times(1.0), update])])
+
+
+def emit_reversible_step(g: GraphBuilder, field: Field, state: tuple[str, str, str], theta_next: dict[str, str],
+                         h_times) -> tuple[str, str, str]:
+    x, z, fz = state
+    z_next = g.op("Add", [g.op("Sub", [g.op("Mul", [g.scalar(2.0), x]), z]), g.op("Mul", [h_times(1.0), fz])])
+    f_next = emit_field(g, field, z_next, theta_next)
+    x_next = g.op("Add", [x, g.op("Mul", [h_times(0.5), g.op("Add", [fz, f_next])])])
+    return x_next, z_next, f_next
+
+
+# --- static graph ---------------------------------------------------------------------------
+
+
+def emit_static_block(g: GraphBuilder, block: ODEBlock, x: str) -> str:
+    times, index = stage_grid(block.scheme, block.depth)
+    with torch.no_grad():
+        params = {k: _array(v) for k, v in block.curve.sample(times).items()}
+    names = [{k: g.const(field_layout(block.field, k, v[u]), k) for k, v in params.items()} for u in range(len(times))]
+    h = 1.0 / block.depth
+
+    def h_times(c):
+        return g.scalar(h * c)
+
+    tableau = get_scheme(block.scheme)
+    if isinstance(tableau, ReversibleHeun):
+        state = (x, x, emit_field(g, block.field, x, names[index[0][0]]))
+        for n in range(block.depth):
+            state = emit_reversible_step(g, block.field, state, names[index[n][1]], h_times)
+        return state[0]
+    for n in range(block.depth):
+        x = emit_rk_step(g, block.field, tableau, x, [names[u] for u in index[n]], h_times)
+    return x
+
+
+def _io(model: ODENet, batch: str = "batch"):
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, *model.config.in_shape])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, model.config.num_classes])
+    return inp, out
+
+
+def _finish(g: GraphBuilder, inputs, outputs, name: str, doc: str, metadata: dict[str, str]) -> onnx.ModelProto:
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="resode",
+                              doc_string=doc)
+    model.ir_version = 8  # onnxruntime ≥ 1.14 reads it
+    for k, v in metadata.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    return model
+
+
+def static_graph(model: ODENet, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    """The model unrolled at its own depths and scheme."""
+    g = GraphBuilder()
+    x = emit_stem(g, model, "input")
+    for i, block in enumerate(model.blocks):
+        x = emit_static_block(g, block, x)
+        if i < len(model.transitions):
+            x = emit_transition(g, model, i, x)
+    g.nodes.append(helper.make_node("Identity", [emit_head(g, model, x)], ["logits"]))
+    inp, out = _io(model)
+    return _finish(g, [inp], [out], "resode_static", f"resode ODENet, depths {list(model.config.depths)}, "
+                   f"scheme {model.config.scheme}", metadata or {})
+
+
+# --- dynamic-depth graph --------------------------------------------------------------------
+
+
+def piecewise_polynomial(curve: Curve) -> tuple[int, int, np.ndarray]:
+    """The curve as polynomials on a uniform grid of t: (S, degree, weights).
+
+    On piece i = clip(floor(t S), 0, P − 1), with s = t S − i, θ(t) = Σ_m s^m Σ_k weights[i, m, k] θ_k
+    (P = weights.shape[0]). Exact: every interpolation here is a polynomial of degree ≤ 3 there.
+    """
+    k = curve.num_knots
+    interp = curve.interp
+    if k == 1 or interp == "constant":
+        scale, pieces, degree = k, k, 0
+    elif interp == "linear" or (interp == "cubic" and k == 2):
+        scale, pieces, degree = k, k - 1, 1
+    elif interp == "cubic":
+        scale, pieces, degree = k, (1 if k == 3 else k - 1), (2 if k == 3 else 3)
+    elif interp == "smooth":
+        j = curve.n_basis or default_num_basis(k)
+        degree = min(3, j - 1)
+        scale = pieces = j - degree
+    else:
+        raise ResodeError(f"no piecewise-polynomial form for interpolation {interp!r}")
+    s = np.linspace(0.0, 1.0, degree + 1) if degree else np.zeros(1)
+    if interp == "cubic" and k == 3:  # one parabola over u ∈ [0, 3]
+        s = np.arange(3.0)
+    vander = np.vander(s, degree + 1, increasing=True)  # (d+1, d+1)
+    t = (np.arange(pieces)[:, None] + s[None, :]) / scale  # (P, d+1)
+    basis = curve.basis(t.ravel()).numpy().reshape(pieces, degree + 1, k)
+    weights = np.linalg.solve(vander[None], basis)  # (P, d+1, K): coefficients of s^m
+    # check the form against the curve itself on times between the fitting points
+    probe = np.linspace(0.0, 1.0, 97)
+    u = probe * scale
+    i = np.clip(np.floor(u + 1e-12), 0, pieces - 1).astype(int)
+    powers = (u - i)[:, None] ** np.arange(degree + 1)[None, :]
+    rebuilt = np.einsum("tm,tmk->tk", powers, weights[i])
+    if not np.allclose(rebuilt, curve.basis(probe).numpy(), atol=1e-8):
+        raise ResodeError(f"internal error: the {interp} curve is not piecewise polynomial on {pieces} pieces")
+    return scale, degree, weights
+
+
+def _stage_denominator(cs) -> int:
+    den = 1
+    for c in cs:
+        f = Fraction(c).limit_denominator(1000)
+        if abs(float(f) - c) > 1e-15:
+            raise ResodeError(f"stage time {c} is not a simple fraction")
+        den = math.lcm(den, f.denominator)
+    return den
+
+
+def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, stage: int) -> str:
+    """Weights of every step's stages, then the loops; ``depth`` names the int64 scalar input."""
+    field, curve = block.field, block.curve
+    tableau = get_scheme(block.scheme)
+    scale, degree, weights = piecewise_polynomial(curve)
+    pieces = weights.shape[0]
+    with torch.no_grad():
+        knots = {k: v.detach().cpu().double().numpy() for k, v in curve.knots.items()}
+    # coefficient tables: name → [C_0 .. C_d], C_m (P, *shape) in the field's layout
+    tables = {name: [g.const(field_layout(field, name, np.tensordot(weights[:, m], kn, axes=(1, 0)).astype(np.float32)),
+                             f"{name}_c{m}") for m in range(degree + 1)]
+              for name, kn in knots.items()}
+    cs = sorted(set(float(c) for c in tableau.c))
+    den_c = _stage_denominator(cs)
+    steps = g.op("Range", [g.scalar(0, np.int64), depth, g.scalar(1, np.int64)])  # (N,)
+    den = g.op("Mul", [depth, g.scalar(den_c, np.int64)])  # N·D
+    den_f = g.op("Cast", [den], to=TensorProto.DOUBLE)
+    per_stage: dict[float, dict[str, str]] = {}
+    for c in cs:
+        cd = round(c * den_c)
+        num = g.op("Mul", [g.op("Add", [g.op("Mul", [steps, g.scalar(den_c, np.int64)]), g.scalar(cd, np.int64)]),
+                           g.scalar(scale, np.int64)])  # (n D + c D) S: t S = num / den exactly
+        piece = g.op("Div", [num, den])
+        piece = g.op("Min", [g.op("Max", [piece, g.scalar(0, np.int64)]), g.scalar(pieces - 1, np.int64)])
+        rem = g.op("Sub", [num, g.op("Mul", [piece, den])])
+        s = g.op("Cast", [g.op("Div", [g.op("Cast", [rem], to=TensorProto.DOUBLE), den_f])], to=TensorProto.FLOAT)
+        theta = {}
+        for name, coeffs in tables.items():
+            rank = len(field_layout(field, name, knots[name][0]).shape)
+            s_b = g.op("Reshape", [s, g.ints([-1] + [1] * rank)])
+            acc = g.op("Gather", [coeffs[degree], piece], axis=0)
+            for m in reversed(range(degree)):
+                acc = g.op("Add", [g.op("Mul", [acc, s_b]), g.op("Gather", [coeffs[m], piece], axis=0)])
+            theta[name] = acc  # (N, *shape): this stage's weights at every step
+        per_stage[c] = theta
+    h = g.op("Reciprocal", [g.op("Cast", [depth], to=TensorProto.FLOAT)])
+    h_consts: dict[float, str] = {}
+
+    def h_times(c):
+        if c not in h_consts:
+            h_consts[c] = h if c == 1.0 else g.op("Mul", [h, g.scalar(c)])
+        return h_consts[c]
+
+    reversible = isinstance(tableau, ReversibleHeun)
+    for c in ([1.0, 0.5] if reversible else sorted({a for row in tableau.a for a in row if a} | {1.0})):
+        h_times(c)  # outside the loop bodies, computed once
+    if reversible:
+        theta0 = {k: g.op("Gather", [v, g.scalar(0, np.int64)], axis=0) for k, v in per_stage[0.0].items()}
+        state = [x, x, emit_field(g, field, x, theta0)]
+    else:
+        state = [x]
+
+    def body(count: int, offset: str | None, tag: str) -> onnx.GraphProto:
+        """``count`` steps from step index iter·count (+ offset)."""
+        b = GraphBuilder(prefix=f"{tag}/")
+        b._scalars = g._scalars  # share the outer scalar constants (outer scope)
+        it, cond = f"{tag}/iter", f"{tag}/cond"
+        inner = [f"{tag}/state{i}" for i in range(len(state))]
+        first = b.op("Mul", [it, b.scalar(count, np.int64)])
+        if offset is not None:
+            first = b.op("Add", [first, offset])
+        cur = list(inner)
+        for u in range(count):
+            n = first if u == 0 else b.op("Add", [first, b.scalar(u, np.int64)])
+
+            def at(c):
+                return {k: b.op("Gather", [v, n], axis=0) for k, v in per_stage[c].items()}
+
+            if reversible:
+                cur = list(emit_reversible_step(b, field, tuple(cur), at(1.0), h_times))
+            else:
+                cur = [emit_rk_step(b, field, tableau, cur[0], [at(float(c)) for c in tableau.c], h_times)]
+        outs = [b.op("Identity", [cond])] + [b.op("Identity", [c]) for c in cur]
+        inputs = [helper.make_tensor_value_info(it, TensorProto.INT64, []),
+                  helper.make_tensor_value_info(cond, TensorProto.BOOL, [])]
+        inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in inner]
+        outputs = [helper.make_tensor_value_info(outs[0], TensorProto.BOOL, [])]
+        outputs += [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs[1:]]
+        # constants made inside the body live in the outer graph (visible to the body)
+        g.initializers.extend(b.initializers)
+        return helper.make_graph(b.nodes, f"{tag}_body", inputs, outputs)
+
+    tag = f"stage{stage}"
+    trips = g.op("Div", [depth, g.scalar(UNROLL, np.int64)])
+    state = g.op("Loop", [trips, "", *state], n_out=len(state), body=body(UNROLL, None, f"{tag}_loop"))
+    state = [state] if isinstance(state, str) else state
+    done = g.op("Mul", [trips, g.scalar(UNROLL, np.int64)])
+    rest = g.op("Sub", [depth, done])
+    state = g.op("Loop", [rest, "", *state], n_out=len(state), body=body(1, done, f"{tag}_rest"))
+    return state if isinstance(state, str) else state[0]
+
+
+def dynamic_graph(model: ODENet, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    """One graph for every depth: inputs ``input`` and ``depth`` (int64 scalar, steps of every block)."""
+    g = GraphBuilder()
+    x = emit_stem(g, model, "input")
+    for i, block in enumerate(model.blocks):
+        x = emit_dynamic_block(g, block, x, "depth", i)
+        if i < len(model.transitions):
+            x = emit_transition(g, model, i, x)
+    g.nodes.append(helper.make_node("Identity", [emit_head(g, model, x)], ["logits"]))
+    inp, out = _io(model)
+    depth = helper.make_tensor_value_info("depth", TensorProto.INT64, [])
+    return _finish(g, [inp, depth], [out], "resode_dynamic_depth",
+                   f"resode ODENet, scheme {model.config.scheme}, depth given at run time", metadata or {})
+
+
+__all__ = ["OPSET", "UNROLL", "dynamic_graph", "piecewise_polynomial", "static_graph"]

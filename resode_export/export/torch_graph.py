@@ -1,0 +1,65 @@
+"""TorchScript and ``torch.export`` forms of an ODENet: the solve unrolled with materialized weights.
+
+:class:`FrozenODENet` holds each block's weights sampled at its stage times as buffers (what the
+PyTorch model samples on every forward pass), and runs the same stepper; tracing it gives a
+graph of plain tensor operations that ``torch.jit.load`` / ``torch.export.load`` run without
+this package.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from ..network import ODENet
+from ..schemes import solve, stage_grid
+
+
+class FrozenODENet(nn.Module):
+    """An ODENet at fixed depths and scheme with per-stage-time weights as buffers."""
+
+    def __init__(self, model: ODENet):
+        super().__init__()
+        self.stem = copy.deepcopy(model.stem)
+        self.transitions = copy.deepcopy(model.transitions)
+        self.head = copy.deepcopy(model.head)
+        self.plan = []
+        for i, block in enumerate(model.blocks):
+            times, _ = stage_grid(block.scheme, block.depth)
+            with torch.no_grad():
+                sampled = block.curve.sample(times)
+            names = {}
+            for k, v in sampled.items():
+                names[k] = f"block{i}_{k}"
+                self.register_buffer(names[k], v.detach().clone().contiguous())
+            self.plan.append((block.field, block.scheme, block.depth, names))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for i, (field, scheme, depth, names) in enumerate(self.plan):
+            x = solve(field, x, {k: getattr(self, n) for k, n in names.items()}, scheme, depth)
+            if i < len(self.transitions):
+                x = self.transitions[i](x)
+        return self.head(x)
+
+
+def example_input(model: ODENet, batch: int = 2) -> Tensor:
+    return torch.randn(batch, *model.config.in_shape, generator=torch.Generator().manual_seed(0))
+
+
+def torchscript(model: ODENet) -> torch.jit.ScriptModule:
+    frozen = FrozenODENet(model).eval()
+    with torch.no_grad():
+        return torch.jit.trace(frozen, example_input(model), check_trace=False)
+
+
+def exported_program(model: ODENet):
+    frozen = FrozenODENet(model).eval()
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    with torch.no_grad():
+        return torch.export.export(frozen, (example_input(model),), dynamic_shapes=({0: batch},), strict=False)
+
+
+__all__ = ["FrozenODENet", "exported_program", "torchscript"]
