@@ -69,10 +69,7 @@ def _runner(fmt: str, path: str):
     if fmt == "onnx":
         session = onnx_session(path)
         return lambda x, depth=None: torch.from_numpy(run_onnx(session, x.numpy(), depth))
-    if fmt == "torchscript":
-        module = torch.jit.load(path)
-    else:
-        module = torch.export.load(path).module()
+    module = torch.jit.load(path) if fmt == "torchscript" else torch.export.load(path).module()
 
     def run(x, depth=None):
         with torch.no_grad():

@@ -356,7 +356,7 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
         for u in range(count):
             n = first if u == 0 else b.op("Add", [first, b.scalar(u, np.int64)])
 
-            def at(c):
+            def at(c, n=n):
                 return {k: b.op("Gather", [v, n], axis=0) for k, v in per_stage[c].items()}
 
             if reversible:
