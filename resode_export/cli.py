@@ -21,10 +21,11 @@ from rich.table import Table
 from . import __version__
 from .curves import INTERPOLATIONS
 from .data import DATASETS
-from .errors import ResodeError
+from .errors import ResodeError, check_choice
 from .fields import ACTIVATIONS
 from .gradients import GRADIENTS, compatible
-from .network import ARCHS, INITS, MAX_DEPTH
+from .io import check_output_path
+from .network import ARCHS, INITS, MAX_DEPTH, check_depth
 from .schemes import SCHEMES
 from .train import OPTIMIZERS, SCHEDULES
 
@@ -256,6 +257,135 @@ def train(
         ("model", f"depth {result['depth']}, {cfg.scheme}, {cfg.grad} gradients, {result['parameters']} parameters"),
         ("time", f"{result['seconds']} s on {result['device']}"),
     ])
+
+
+FormatName = Enum("FormatName", {k: k for k in ("onnx", "torchscript", "pt2")}, type=str)
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ResodeError(f"{what} must be a comma list of integers, got {text!r}") from None
+    if not values:
+        raise ResodeError(f"{what} is empty")
+    return values
+
+
+@app.command()
+def export(
+    model: ModelArg = None,
+    fmt: Annotated[FormatName, typer.Option("--format", help="onnx, torchscript or pt2 (torch.export).")] = FormatName.onnx,
+    depth: Annotated[Optional[str], typer.Option(
+        help=f"Steps of every ODE block (1..{MAX_DEPTH}), or one per stage. Default: native.")] = None,
+    depth_scale: Annotated[Optional[float], typer.Option(help="Multiply each block's native depth by this.")] = None,
+    scheme: Annotated[Optional[SchemeName], typer.Option(help="Runge–Kutta scheme. Default: native.")] = None,
+    interp: Annotated[Optional[InterpName], typer.Option(help="Interpolation in depth. Default: the model's.")] = None,
+    dynamic_depth: Annotated[bool, typer.Option(
+        "--dynamic-depth", help="ONNX only: one graph with the depth as an int64 input 'depth'.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Output file. Default: <model>-<depth>-<scheme>.<ext> here.")] = None,
+    as_json: JsonOpt = False,
+):
+    """Export a model to ONNX, TorchScript or torch.export, verified against PyTorch before it is written."""
+    from .convert import dataset_for, load_model, parse_depths
+    from .export import FORMATS, export_model
+
+    if out is not None:
+        check_output_path(out)
+    if dynamic_depth and (depth is not None or depth_scale is not None):
+        raise ResodeError("--dynamic-depth takes the depth at run time (input 'depth'); drop --depth/--depth-scale")
+    source, header, path = load_model(model)
+    depths = parse_depths(depth, depth_scale, source.config.depths)
+    target = source.discretize(depths, scheme and scheme.value, interp and interp.value, grad="backprop")
+    try:
+        data = dataset_for(header)
+    except ResodeError as exc:  # verification still runs on random inputs
+        print(f"note: verifying on random inputs only ({exc})", file=sys.stderr)
+        data = None
+    if out is None:
+        tag = "dyn" if dynamic_depth else "-".join(str(d) for d in sorted(set(depths)))
+        out = Path.cwd() / f"{path.stem}-{tag}-{target.config.scheme}{FORMATS[fmt.value]}"
+    meta = {"resode.source": path.name, "resode.data": header.get("data", {}).get("name", "")}
+    result = export_model(target, fmt.value, out, dynamic_depth=dynamic_depth, data=data, metadata=meta)
+    _emit(result, as_json, f"resode export: {path.name}", [
+        ("file", result["path"]), ("format", fmt.value + (" (dynamic depth)" if dynamic_depth else "")),
+        ("depth", "input 'depth'" if dynamic_depth else str(result["depth"])), ("scheme", result["scheme"]),
+        ("size", f"{result['bytes'] / 2**20:.2f} MiB"),
+        ("max relative deviation", f"{result['max_rel_deviation']:.2e}" + (
+            f" (depths {', '.join(map(str, result['checked_depths']))})" if dynamic_depth else "")),
+        ("time", f"{result['seconds']} s export, {result['verify_seconds']} s verification"),
+    ])
+
+
+@app.command()
+def check(
+    model: Annotated[Optional[str], typer.Argument(
+        help="A resode checkpoint, a shipped model's name, or a .onnx file from resode export. Default: digits-mlp.",
+        show_default=False)] = None,
+    depths: Annotated[str, typer.Option(help="Comma list of depths to sweep.")] = "2,4,8,16,32,64,128",
+    schemes: Annotated[str, typer.Option(
+        help="Comma list of schemes (resode models; a .onnx file has its own).")] = "euler,heun,rk4",
+    data: Annotated[Optional[str], typer.Option(
+        help="digits, fashion-mnist, a folder of IDX files or an .npz. Default: the model's own.")] = None,
+    tolerance: Annotated[float, typer.Option(min=0.0, help="Accuracy points a recommendation may lose.")] = 0.5,
+    plot: Annotated[Optional[Path], typer.Option(help="Draw accuracy and latency against depth to this PNG.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N test samples only.")] = None,
+    repeats: Annotated[int, typer.Option(min=3, help="Latency: timed calls at batch 1 (a tenth at batch 256).")] = 50,
+    as_json: JsonOpt = False,
+):
+    """Accuracy, deviation from PyTorch and onnxruntime latency against depth × scheme; recommends the cheapest."""
+    from .check import check_model, check_onnx
+    from .check import plot as draw
+    from .convert import dataset_for, load_model
+    from .data import load_data
+    from .evaluate import progress_bar
+
+    start = time.perf_counter()
+    if plot is not None:
+        check_output_path(plot)
+        if plot.suffix.lower() != ".png":
+            raise ResodeError(f"--plot writes a PNG: give a path ending in .png, got {str(plot)!r}")
+    depth_list = [check_depth(d) for d in _int_list(depths, "--depths")]
+    scheme_list = [check_choice("scheme", s.strip(), SCHEMES) for s in schemes.split(",") if s.strip()]
+    if model is not None and model.lower().endswith(".onnx"):
+        path = Path(model)
+        if not path.is_file():
+            raise ResodeError(f"{path} does not exist; give a .onnx file from resode export")
+        from .check import _onnx_metadata
+
+        name = data or _onnx_metadata(path).get("resode.data")
+        if not name:
+            raise ResodeError(f"{path.name} names no data set: give --data")
+        with progress_bar() as bar:
+            result = check_onnx(path, load_data(name), depth_list, tolerance, repeats, limit, progress=bar)
+    else:
+        source, header, path = load_model(model)
+        dataset = load_data(data) if data else dataset_for(header)
+        with progress_bar() as bar:
+            result = check_model(source, dataset, depth_list, scheme_list, tolerance, repeats, limit, progress=bar)
+    result["model"] = str(path)
+    result["plot"] = str(draw(result, plot, f"resode check: {path.name}")) if plot is not None else None
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"resode check: {path.name} (source accuracy {100 * result['source_accuracy']:.2f} %, "
+                        f"reference: {result['reference']})")
+    for col in ("depth", "scheme", "accuracy %", "max rel. deviation", "ms (batch 1)", "ms (batch 256)", "MiB"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        dev = "-" if r["max_rel_deviation"] is None else f"{r['max_rel_deviation']:.1e}"
+        table.add_row(str(r["depth"]), r["scheme"], f"{100 * r['accuracy']:.2f}", dev, f"{r['latency_ms_b1']:.3f}",
+                      f"{r['latency_ms_b256']:.2f}", f"{r['bytes'] / 2**20:.2f}")
+    Console().print(table)
+    rec = result["recommended"]
+    if rec:
+        print(f"recommended: depth {rec['depth']} with {rec['scheme']}: {100 * rec['accuracy']:.2f} % at "
+              f"{rec['latency_ms_b1']:.3f} ms per sample (within {tolerance} points of the source)")
+    else:
+        print(f"no depth × scheme here stays within {tolerance} points of the source; try deeper depths")
+    if result["plot"]:
+        print(f"plot: {result['plot']}")
 
 
 def main(argv: list[str] | None = None) -> None:

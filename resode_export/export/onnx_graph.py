@@ -343,44 +343,64 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
     else:
         state = [x]
 
-    def body(count: int, offset: str | None, tag: str) -> onnx.GraphProto:
-        """``count`` steps from step index iter·count (+ offset)."""
+    keys = [(1.0, k) for k in per_stage[1.0]] if reversible else [
+        (c, k) for c in sorted(set(map(float, tableau.c))) for k in per_stage[c]]
+
+    def body(count: int, tag: str) -> onnx.GraphProto:
+        """``count`` steps; the scan hands it their weights: (count·rows, ...) per key, or (rows, ...) if count = 1."""
         b = GraphBuilder(prefix=f"{tag}/")
         b._scalars = g._scalars  # share the outer scalar constants (outer scope)
-        it, cond = f"{tag}/iter", f"{tag}/cond"
         inner = [f"{tag}/state{i}" for i in range(len(state))]
-        first = b.op("Mul", [it, b.scalar(count, np.int64)])
-        if offset is not None:
-            first = b.op("Add", [first, offset])
+        slices = [f"{tag}/w{i}" for i in range(len(keys))]
+        if count == 1:
+            split = {key: [name] for key, name in zip(keys, slices)}
+        else:
+            split = {key: b.op("Split", [name], n_out=count, axis=0) for key, name in zip(keys, slices)}
         cur = list(inner)
         for u in range(count):
-            n = first if u == 0 else b.op("Add", [first, b.scalar(u, np.int64)])
-
-            def at(c, n=n):
-                return {k: b.op("Gather", [v, n], axis=0) for k, v in per_stage[c].items()}
+            def at(c, u=u):
+                return {k: split[(c, k)][u] for k in per_stage[c]}
 
             if reversible:
                 cur = list(emit_reversible_step(b, field, tuple(cur), at(1.0), h_times))
             else:
                 cur = [emit_rk_step(b, field, tableau, cur[0], [at(float(c)) for c in tableau.c], h_times)]
-        outs = [b.op("Identity", [cond])] + [b.op("Identity", [c]) for c in cur]
-        inputs = [helper.make_tensor_value_info(it, TensorProto.INT64, []),
-                  helper.make_tensor_value_info(cond, TensorProto.BOOL, [])]
-        inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in inner]
-        outputs = [helper.make_tensor_value_info(outs[0], TensorProto.BOOL, [])]
-        outputs += [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs[1:]]
-        # constants made inside the body live in the outer graph (visible to the body)
-        g.initializers.extend(b.initializers)
+        outs = [b.op("Identity", [c]) for c in cur]
+        inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in inner + slices]
+        outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs]
+        g.initializers.extend(b.initializers)  # constants made for the body live in the outer graph
         return helper.make_graph(b.nodes, f"{tag}_body", inputs, outputs)
 
+    def scan(inputs: list[str], steps: str, count: int, tag: str) -> list[str]:
+        """A Scan of ``count``-step bodies over ``inputs``, under If(steps > 0): onnxruntime refuses empty scans."""
+        then = GraphBuilder(prefix=f"{tag}_then/")
+        outs = then.op("Scan", [*state, *inputs], n_out=len(state), body=body(count, tag), num_scan_inputs=len(inputs))
+        outs = [outs] if isinstance(outs, str) else outs
+        skip = GraphBuilder(prefix=f"{tag}_else/")
+        kept = [skip.op("Identity", [x]) for x in state]
+
+        def branch(b: GraphBuilder, names: list[str], label: str):
+            return helper.make_graph(b.nodes, f"{tag}_{label}", [],
+                                     [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names])
+
+        out = g.op("If", [g.op("Greater", [steps, g.scalar(0, np.int64)])], n_out=len(state),
+                   then_branch=branch(then, outs, "then"), else_branch=branch(skip, kept, "else"))
+        return [out] if isinstance(out, str) else out
+
     tag = f"stage{stage}"
-    trips = g.op("Div", [depth, g.scalar(UNROLL, np.int64)])
-    state = g.op("Loop", [trips, "", *state], n_out=len(state), body=body(UNROLL, None, f"{tag}_loop"))
-    state = [state] if isinstance(state, str) else state
-    done = g.op("Mul", [trips, g.scalar(UNROLL, np.int64)])
-    rest = g.op("Sub", [depth, done])
-    state = g.op("Loop", [rest, "", *state], n_out=len(state), body=body(1, done, f"{tag}_rest"))
-    return state if isinstance(state, str) else state[0]
+    zero = g.ints([0])
+    done = g.op("Mul", [g.op("Div", [g.op("Reshape", [depth, g.ints([1])]), g.ints([UNROLL])]), g.ints([UNROLL])])
+    main, rest = [], []
+    for c, k in keys:
+        tensor = per_stage[c][k]
+        shape = field_layout(field, k, knots[k][0]).shape
+        head = g.op("Slice", [tensor, zero, done, zero])  # steps 0 .. a·U − 1, grouped by U
+        main.append(g.op("Reshape", [head, g.ints([-1, UNROLL * shape[0], *shape[1:]])]))
+        rest.append(g.op("Slice", [tensor, done, g.ints([np.iinfo(np.int64).max]), zero]))
+    done_scalar = g.op("Reshape", [done, g.ints(np.zeros(0, np.int64))])
+    state = scan(main, done_scalar, UNROLL, f"{tag}_main")
+    state = scan(rest, g.op("Sub", [depth, done_scalar]), 1, f"{tag}_rest")
+    return state[0]
 
 
 def dynamic_graph(model: ODENet, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
