@@ -31,7 +31,8 @@ def test_exact_methods_equal_backprop_on_cuda(method, scheme):
 def test_adjoint_training_on_cuda_matches_cpu():
     """One epoch of --adjoint on digits: same loss on the GPU as on the CPU (float32, up to reduction order)."""
     data = load_data("digits")
-    cfg = mlp_config(widths=(16,), depths=(16,), knots=(16,), in_shape=data.in_shape, num_classes=data.num_classes, grad="adjoint")
+    cfg = mlp_config(widths=(16,), depths=(16,), knots=(16,), in_shape=data.in_shape, num_classes=data.num_classes,
+                     grad="adjoint")
     losses = {}
     for device in ("cpu", "cuda"):
         _, record = train(ODENet(cfg, seed=0), data, TrainOptions(epochs=1, batch_size=64, lr=3e-3, device=device),

@@ -8,9 +8,11 @@ and :class:`ExportMismatch` raised. Files are written to a temporary name and re
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +71,9 @@ def _runner(fmt: str, path: str):
     if fmt == "onnx":
         session = onnx_session(path)
         return lambda x, depth=None: torch.from_numpy(run_onnx(session, x.numpy(), depth))
-    module = torch.jit.load(path) if fmt == "torchscript" else torch.export.load(path).module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(path) if fmt == "torchscript" else torch.export.load(path).module()
 
     def run(x, depth=None):
         with torch.no_grad():
@@ -137,7 +141,9 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
         elif fmt == "torchscript":
             from .torch_graph import torchscript
 
-            torch.jit.save(torchscript(model), tmp, _extra_files={"resode.json": repr(meta)})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.jit.save(torchscript(model), tmp, _extra_files={"resode.json": json.dumps(meta)})
         else:
             from .torch_graph import exported_program
 

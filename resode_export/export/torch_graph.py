@@ -9,6 +9,7 @@ this package.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +51,10 @@ def example_input(model: ODENet, batch: int = 2) -> Tensor:
 
 
 def torchscript(model: ODENet) -> torch.jit.ScriptModule:
+    """Traced (every step unrolled). TorchScript is deprecated upstream; ``pt2`` is its successor."""
     frozen = FrozenODENet(model).eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation notices, and GroupNorm's batch-size check traced as a constant
         return torch.jit.trace(frozen, example_input(model), check_trace=False)
 
 

@@ -1,0 +1,247 @@
+"""Export: ONNX (static, dynamic depth), TorchScript, torch.export; self-verification; resode export / check."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from resode_export.check import recommend
+from resode_export.curves import Curve
+from resode_export.errors import ResodeError
+from resode_export.export import ExportMismatch, export_model, onnx_graph, onnx_session, run_onnx
+from resode_export.export.onnx_graph import piecewise_polynomial
+from resode_export.network import ODENet
+
+from .helpers import conv_config, mlp_config, run_cli, smooth_knots_
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _model(arch="mlp", seed=0, **kw):
+    cfg = (mlp_config if arch == "mlp" else conv_config)(**kw)
+    return smooth_knots_(ODENet(cfg, init="iid", seed=seed), scale=1.0, seed=seed).eval()
+
+
+def _x(model, batch=5, seed=0):
+    return torch.randn(batch, *model.config.in_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _max_rel(a, b):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float(((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).max())
+
+
+@pytest.mark.parametrize("arch, scheme, interp", [
+    ("mlp", "euler", "linear"), ("mlp", "heun", "cubic"), ("mlp", "rk4", "smooth"), ("mlp", "rk38", "constant"),
+    ("mlp", "reversible_heun", "linear"), ("conv", "euler", "linear"), ("conv", "midpoint", "cubic"),
+    ("conv", "reversible_heun", "cubic"),
+])
+def test_static_onnx_matches_pytorch(tmp_path, arch, scheme, interp):
+    model = _model(arch, scheme=scheme, interp=interp)
+    rec = export_model(model, "onnx", tmp_path / "m.onnx")
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.opset_import[0].version >= 17
+    assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["logits"]
+    assert not list(tmp_path.glob("*.data")) and len(list(tmp_path.iterdir())) == 1  # one self-contained file
+    session = onnx_session(tmp_path / "m.onnx")
+    for batch in (1, 7):  # the batch axis is dynamic
+        x = _x(model, batch)
+        with torch.no_grad():
+            assert _max_rel(run_onnx(session, x.numpy()), model(x)) <= 1e-5
+    assert rec["max_rel_deviation"] <= 1e-5 and rec["bytes"] == (tmp_path / "m.onnx").stat().st_size
+
+
+@pytest.mark.parametrize("arch, scheme, interp, depths", [
+    ("mlp", "euler", "linear", (4, 16, 64, 256)), ("mlp", "heun", "cubic", (3, 13, 64)),
+    ("mlp", "rk4", "smooth", (1, 9, 32)), ("mlp", "reversible_heun", "linear", (5, 16, 40)),
+    ("mlp", "ralston", "constant", (7, 24)), ("conv", "heun", "linear", (4, 11)),
+])
+def test_one_dynamic_depth_graph_matches_every_depth(tmp_path, arch, scheme, interp, depths):
+    """Depths below, at and off multiples of the unrolled block: the same file reproduces the model at each."""
+    model = _model(arch, scheme=scheme, interp=interp)
+    export_model(model, "onnx", tmp_path / "d.onnx", dynamic_depth=True)
+    proto = onnx.load(str(tmp_path / "d.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["input", "depth"]
+    session = onnx_session(tmp_path / "d.onnx")
+    x = _x(model, 4)
+    for depth in depths:
+        with torch.no_grad():
+            reference = model.discretize(depth=depth)(x)
+        assert _max_rel(run_onnx(session, x.numpy(), depth), reference) <= 1e-5, depth
+
+
+def test_dynamic_file_size_does_not_grow_with_depth(tmp_path):
+    model = _model(depths=(8, 8), knots=(8, 8))
+    sizes = {}
+    for depth in (8, 512):
+        m = model.discretize(depth=depth)
+        sizes[("dyn", depth)] = export_model(m, "onnx", tmp_path / f"d{depth}.onnx", dynamic_depth=True)["bytes"]
+        sizes[("static", depth)] = export_model(m, "onnx", tmp_path / f"s{depth}.onnx")["bytes"]
+    assert abs(sizes[("dyn", 8)] - sizes[("dyn", 512)]) <= 16  # the depth only enters the metadata text
+    assert sizes[("static", 512)] > 20 * sizes[("static", 8)]
+
+
+@pytest.mark.parametrize("interp", ["constant", "linear", "cubic", "smooth"])
+@pytest.mark.parametrize("num_knots", [1, 2, 3, 4, 9, 30])
+def test_curves_are_exact_piecewise_polynomials(interp, num_knots):
+    curve = Curve({"w": torch.randn(num_knots, 3, dtype=torch.float64)}, interp)
+    scale, degree, weights = piecewise_polynomial(curve)  # raises if the form does not rebuild the curve
+    t = np.random.default_rng(0).uniform(0, 1, 200)
+    u = t * scale
+    i = np.clip(np.floor(u), 0, weights.shape[0] - 1).astype(int)
+    rebuilt = np.einsum("tm,tmk->tk", (u - i)[:, None] ** np.arange(degree + 1), weights[i])
+    np.testing.assert_allclose(rebuilt, curve.basis(t).numpy(), atol=1e-10)
+
+
+_CLEAN_LOAD = """
+import sys
+sys.modules["resode_export"] = None  # any import of the package fails
+import numpy as np, torch
+fmt, path, x_path, out_path = sys.argv[1:]
+x = torch.from_numpy(np.load(x_path))
+with torch.no_grad():
+    m = torch.jit.load(path) if fmt == "torchscript" else torch.export.load(path).module()
+    np.save(out_path, m(x).numpy())
+assert not any(name.startswith("resode") for name in sys.modules if sys.modules[name] is not None)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_torch_formats_load_without_resode(tmp_path, fmt, arch):
+    model = _model(arch, scheme="heun", depths=(3, 4), knots=(5, 2))
+    path = tmp_path / f"m.{fmt}"
+    rec = export_model(model, fmt, path)
+    assert rec["max_rel_deviation"] <= 1e-6
+    x = _x(model, 6, seed=3)
+    np.save(tmp_path / "x.npy", x.numpy())
+    done = subprocess.run([sys.executable, "-I", "-c", _CLEAN_LOAD, fmt, str(path), str(tmp_path / "x.npy"),
+                           str(tmp_path / "y.npy")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with torch.no_grad():
+        assert _max_rel(np.load(tmp_path / "y.npy"), model(x)) <= 1e-6
+
+
+def test_a_wrong_graph_is_refused_and_removed(tmp_path, monkeypatch):
+    original = onnx_graph.emit_head
+
+    def shifted(g, model, x):
+        return g.op("Add", [original(g, model, x), g.scalar(1e-2)])
+
+    monkeypatch.setattr(onnx_graph, "emit_head", shifted)
+    model = _model()
+    with pytest.raises(ExportMismatch, match="deviates"):
+        export_model(model, "onnx", tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one
+
+
+def test_graphs_above_protobufs_limit_are_refused_with_the_way_out(tmp_path, monkeypatch):
+    import resode_export.export as export
+
+    monkeypatch.setattr(export, "PROTOBUF_LIMIT", 1000)
+    with pytest.raises(ResodeError, match="--dynamic-depth"):
+        export_model(_model(), "onnx", tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_static_export_of_depth_1024_is_fast(tmp_path):
+    """Not a timing assertion on the machine's speed: a guard that the build stays linear and light."""
+    model = _model(widths=(16,), depths=(1024,), knots=(8,), hidden=16, interp="cubic", scheme="heun")
+    rec = export_model(model, "onnx", tmp_path / "m.onnx")
+    assert rec["max_rel_deviation"] <= 1e-4
+    assert rec["seconds"] < 30  # measured ~1 s here; the stock exporter took minutes
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+def test_cli_export_json(capsys, tmp_path):
+    out = tmp_path / "digits.onnx"
+    code, stdout, err = run_cli(capsys, "export", "--format", "onnx", "--depth", "16", "--scheme", "heun",
+                                "--out", out, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert {"path", "format", "depth", "scheme", "dynamic_depth", "bytes", "max_rel_deviation", "seconds"} <= set(result)
+    assert (result["format"], result["depth"], result["scheme"], result["dynamic_depth"]) == ("onnx", 16, "heun", False)
+    assert result["bytes"] == out.stat().st_size and result["max_rel_deviation"] <= 1e-4
+    code, stdout, err = run_cli(capsys, "export", "--dynamic-depth", "--out", tmp_path / "dyn.onnx", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["dynamic_depth"] is True and json.loads(stdout)["depth"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", "tflite"], "tflite"),
+    (["--format", "torchscript", "--dynamic-depth"], "--format onnx"),
+    (["--dynamic-depth", "--depth", "8"], "run time"),
+    (["--depth", "0"], "depth must be"),
+    (["--scheme", "nosuch"], "nosuch"),
+    (["--out", "/nonexistent-dir/m.onnx"], "nonexistent-dir"),
+])
+def test_cli_export_bad_input(capsys, args, message):
+    code, out, err = run_cli(capsys, "export", *args)
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_export_mismatch_exits_1_and_writes_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_graph, "GN_EPS", 1.0)  # a wrong GroupNorm epsilon: the conv model's outputs move
+    code, out, err = run_cli(capsys, "export", "fashion-conv", "--depth", "2", "--out", tmp_path / "m.onnx")
+    assert code == 1 and "deviates" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_check_sweeps_depths_and_schemes(capsys, tmp_path):
+    png = tmp_path / "check.png"
+    code, out, err = run_cli(capsys, "check", "--depths", "2,8,32", "--schemes", "euler,heun", "--plot", png,
+                             "--repeats", "3", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert len(result["rows"]) == 6 and 0.9 < result["source_accuracy"] <= 1
+    for row in result["rows"]:
+        assert {"depth", "scheme", "accuracy", "max_rel_deviation", "latency_ms_b1", "latency_ms_b256", "bytes"} <= set(row)
+        assert row["max_rel_deviation"] <= 1e-4 and row["latency_ms_b1"] > 0 and row["bytes"] > 0
+    rec = result["recommended"]
+    best = [r for r in result["rows"] if (r["depth"], r["scheme"]) == (rec["depth"], rec["scheme"])][0]
+    assert best["accuracy"] >= result["source_accuracy"] - 0.005
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_check_sweeps_a_dynamic_depth_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "export", "--dynamic-depth", "--out", tmp_path / "d.onnx")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "check", tmp_path / "d.onnx", "--depths", "4,16,32", "--repeats", "3", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert [r["depth"] for r in result["rows"]] == [4, 16, 32] and result["dynamic_depth"] is True
+    at_native = [r for r in result["rows"] if r["depth"] == 32][0]
+    assert at_native["accuracy"] == result["source_accuracy"]  # the file at the model's native depth
+
+
+def test_cli_check_refuses_foreign_and_broken_onnx(capsys, tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 64])])
+    onnx.save_model(helper.make_model(graph), str(tmp_path / "foreign.onnx"))
+    (tmp_path / "broken.onnx").write_bytes(b"\x00not onnx at all")
+    for name, message in (("foreign.onnx", "not made by resode"), ("broken.onnx", "not a readable ONNX"),
+                          ("missing.onnx", "does not exist")):
+        code, _, err = run_cli(capsys, "check", tmp_path / name, "--data", "digits")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_recommend_takes_the_fastest_row_within_tolerance():
+    rows = [{"depth": 2, "scheme": "euler", "accuracy": 0.90, "latency_ms_b1": 0.1, "latency_ms_b256": 1},
+            {"depth": 8, "scheme": "euler", "accuracy": 0.951, "latency_ms_b1": 0.4, "latency_ms_b256": 4},
+            {"depth": 4, "scheme": "heun", "accuracy": 0.955, "latency_ms_b1": 0.3, "latency_ms_b256": 3}]
+    assert recommend(rows, 0.956, tolerance=0.5)["depth"] == 4
+    assert recommend(rows, 0.956, tolerance=1.0)["depth"] == 4
+    assert recommend(rows, 0.956, tolerance=7.0)["depth"] == 2
+    assert recommend(rows, 0.99, tolerance=0.5) is None
