@@ -75,6 +75,8 @@ def test_one_dynamic_depth_graph_matches_every_depth(tmp_path, arch, scheme, int
         with torch.no_grad():
             reference = model.discretize(depth=depth)(x)
         assert _max_rel(run_onnx(session, x.numpy(), depth), reference) <= 1e-5, depth
+    for depth in (0, -3):  # meaningless depths give NaN, never plausible logits
+        assert np.isnan(run_onnx(session, x.numpy(), depth)).all()
 
 
 def test_dynamic_file_size_does_not_grow_with_depth(tmp_path):

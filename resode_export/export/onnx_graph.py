@@ -306,7 +306,7 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
     cs = sorted(set(float(c) for c in tableau.c))
     den_c = _stage_denominator(cs)
     steps = g.op("Range", [g.scalar(0, np.int64), depth, g.scalar(1, np.int64)])  # (N,)
-    den = g.op("Mul", [depth, g.scalar(den_c, np.int64)])  # N·D
+    den = g.op("Max", [g.op("Mul", [depth, g.scalar(den_c, np.int64)]), g.scalar(1, np.int64)])  # N·D (≥ 1)
     den_f = g.op("Cast", [den], to=TensorProto.DOUBLE)
     per_stage: dict[float, dict[str, str]] = {}
     for c in cs:
@@ -411,7 +411,10 @@ def dynamic_graph(model: ODENet, metadata: dict[str, str] | None = None) -> onnx
         x = emit_dynamic_block(g, block, x, "depth", i)
         if i < len(model.transitions):
             x = emit_transition(g, model, i, x)
-    g.nodes.append(helper.make_node("Identity", [emit_head(g, model, x)], ["logits"]))
+    logits = emit_head(g, model, x)
+    # a depth below 1 has no meaning: NaN logits rather than the network without its ODE blocks
+    g.nodes.append(helper.make_node("Where", [g.op("Greater", ["depth", g.scalar(0, np.int64)]), logits,
+                                              g.scalar(float("nan"))], ["logits"]))
     inp, out = _io(model)
     depth = helper.make_tensor_value_info("depth", TensorProto.INT64, [])
     return _finish(g, [inp, depth], [out], "resode_dynamic_depth",
