@@ -300,9 +300,9 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
     with torch.no_grad():
         knots = {k: v.detach().cpu().double().numpy() for k, v in curve.knots.items()}
     # coefficient tables: name → [C_0 .. C_d], C_m (P, *shape) in the field's layout
-    tables = {name: [g.const(field_layout(field, name, np.tensordot(weights[:, m], kn, axes=(1, 0)).astype(np.float32)),
-                             f"{name}_c{m}") for m in range(degree + 1)]
-              for name, kn in knots.items()}
+    coefficients = {name: [field_layout(field, name, np.tensordot(weights[:, m], kn, axes=(1, 0)).astype(np.float32))
+                           for m in range(degree + 1)] for name, kn in knots.items()}
+    tables = {name: [g.const(c, f"{name}_c{m}") for m, c in enumerate(cs)] for name, cs in coefficients.items()}
     cs = sorted(set(float(c) for c in tableau.c))
     den_c = _stage_denominator(cs)
     steps = g.op("Range", [g.scalar(0, np.int64), depth, g.scalar(1, np.int64)])  # (N,)
@@ -338,7 +338,7 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
     for c in ([1.0, 0.5] if reversible else sorted({a for row in tableau.a for a in row if a} | {1.0})):
         h_times(c)  # outside the loop bodies, computed once
     if reversible:
-        theta0 = {k: g.op("Gather", [v, g.scalar(0, np.int64)], axis=0) for k, v in per_stage[0.0].items()}
+        theta0 = {k: g.const(c[0][0], f"{k}_t0") for k, c in coefficients.items()}  # θ(0): piece 0 at s = 0
         state = [x, x, emit_field(g, field, x, theta0)]
     else:
         state = [x]
