@@ -12,7 +12,6 @@ import torch
 
 from resode_export.check import recommend
 from resode_export.curves import Curve
-from resode_export.errors import ResodeError
 from resode_export.export import ExportMismatch, export_model, onnx_graph, onnx_session, run_onnx
 from resode_export.export.onnx_graph import piecewise_polynomial
 from resode_export.network import ODENet
@@ -144,13 +143,25 @@ def test_a_wrong_graph_is_refused_and_removed(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one
 
 
-def test_graphs_above_protobufs_limit_are_refused_with_the_way_out(tmp_path, monkeypatch):
+def test_graphs_above_protobufs_limit_keep_their_weights_beside_them(tmp_path, monkeypatch, capsys):
     import resode_export.export as export
 
-    monkeypatch.setattr(export, "PROTOBUF_LIMIT", 1000)
-    with pytest.raises(ResodeError, match="--dynamic-depth"):
-        export_model(_model(), "onnx", tmp_path / "m.onnx")
-    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(export, "PROTOBUF_LIMIT", 1000)  # stands for 2 GB
+    model = _model()
+    rec = export_model(model, "onnx", tmp_path / "m.onnx")
+    assert "m.onnx.data" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert rec["external_data"].endswith("m.onnx.data") and rec["max_rel_deviation"] <= 1e-5
+    assert rec["bytes"] == (tmp_path / "m.onnx").stat().st_size + (tmp_path / "m.onnx.data").stat().st_size
+    assert (tmp_path / "m.onnx.data").stat().st_size > 0
+    x = _x(model)
+    with torch.no_grad():
+        assert _max_rel(run_onnx(onnx_session(tmp_path / "m.onnx"), x.numpy()), model(x)) <= 1e-5
+    monkeypatch.setattr(onnx_graph, "GN_EPS", 1.0)  # a failed verification removes the weights file too
+    monkeypatch.setattr(onnx_graph, "emit_head", lambda g, m, x: g.op("Neg", [g.op("Add", [x, x])]))
+    with pytest.raises(ExportMismatch):
+        export_model(_model(), "onnx", tmp_path / "n.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
 
 
 def test_static_export_of_depth_1024_is_fast(tmp_path):

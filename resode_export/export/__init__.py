@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -100,15 +101,21 @@ def default_path(source: Path, fmt: str, model: ODENet, dynamic_depth: bool) -> 
     return source.with_name(f"{source.stem}-{depth}-{model.config.scheme}{FORMATS[fmt]}")
 
 
-def _write_onnx(proto, tmp: str) -> None:
+def _write_onnx(proto, tmp: str, out: Path) -> Path | None:
+    """One self-contained file below protobuf's 2 GB limit; above it, the weights go to ``<out>.data``."""
     import onnx
 
     if proto.ByteSize() < PROTOBUF_LIMIT:
         onnx.save_model(proto, tmp)
-        return
-    raise ResodeError(f"the ONNX graph would be {proto.ByteSize() / 2**30:.1f} GiB, above protobuf's 2 GB limit "
-                      "for one file; export at a smaller depth or use --dynamic-depth (its size does not grow "
-                      "with depth)")
+        return None
+    data = out.with_name(out.name + ".data")
+    print(f"note: the graph holds {proto.ByteSize() / 2**30:.1f} GiB, above protobuf's 2 GB limit for one file: "
+          f"its weights go to {data.name} beside it; keep the two files together (or export with --dynamic-depth, "
+          "whose size does not grow with depth)", file=sys.stderr)
+    data.unlink(missing_ok=True)
+    onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+                    size_threshold=0)
+    return data
 
 
 def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_depth: bool = False,
@@ -130,6 +137,7 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
     meta = {"resode.scheme": model.config.scheme, "resode.depths": ",".join(map(str, model.config.depths)),
             "resode.dynamic_depth": str(dynamic_depth).lower(), **{k: str(v) for k, v in (metadata or {}).items()}}
     start = time.perf_counter()
+    external = None
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=FORMATS[fmt], dir=out.parent)
     os.close(fd)
     try:
@@ -137,7 +145,7 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
             from .onnx_graph import dynamic_graph, static_graph
 
             proto = (dynamic_graph if dynamic_depth else static_graph)(model, meta)
-            _write_onnx(proto, tmp)
+            external = _write_onnx(proto, tmp, out)
         elif fmt == "torchscript":
             from .torch_graph import torchscript
 
@@ -154,16 +162,22 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
         if not deviation <= tolerance:
             raise ExportMismatch(f"the exported {fmt} file deviates from the PyTorch model by {deviation:.2e} "
                                  f"(relative, above {tolerance:.0e}); nothing was written")
-        os.chmod(tmp, 0o644)
+        for path in (tmp, external):
+            if path is not None:
+                os.chmod(path, 0o644)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        if external is not None:
+            external.unlink(missing_ok=True)
         raise
     depths = sorted(set(model.config.depths))
     return {
         "path": str(out), "format": fmt, "dynamic_depth": dynamic_depth,
         "depth": None if dynamic_depth else (depths[0] if len(depths) == 1 else list(model.config.depths)),
-        "scheme": model.config.scheme, "bytes": out.stat().st_size, "max_rel_deviation": deviation,
+        "scheme": model.config.scheme, "max_rel_deviation": deviation,
+        "bytes": out.stat().st_size + (external.stat().st_size if external is not None else 0),
+        "external_data": str(external) if external is not None else None,
         "checked_depths": list(DYNAMIC_CHECK_DEPTHS) if dynamic_depth else None,
         "seconds": round(seconds, 3), "verify_seconds": round(time.perf_counter() - verify_start, 3),
     }
