@@ -91,7 +91,10 @@ def verify(model: ODENet, fmt: str, path: str, data: Dataset | None, dynamic_dep
     cases = [(d, model.discretize(depth=d)) for d in depths] if dynamic_depth else [(None, model)]
     for depth, reference in cases:
         for x in _inputs(model, data, 64 if dynamic_depth else 256):
-            dev = relative_deviation(run(x, depth), predict(reference, x))
+            got, want = run(x, depth), predict(reference, x)
+            if got.shape != want.shape:
+                return float("inf")
+            dev = relative_deviation(got, want)
             worst = max(worst, float(dev.max()) if torch.isfinite(dev).all() else float("inf"))
     return worst
 
