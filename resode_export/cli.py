@@ -339,6 +339,7 @@ def check(
     from .convert import dataset_for, load_model
     from .data import load_data
     from .evaluate import progress_bar
+    from .export import require_onnx
 
     start = time.perf_counter()
     if plot is not None:
@@ -346,6 +347,7 @@ def check(
         if plot.suffix.lower() != ".png":
             raise ResodeError(f"--plot writes a PNG: give a path ending in .png, got {str(plot)!r}")
     depth_list = [check_depth(d) for d in _int_list(depths, "--depths")]
+    require_onnx()
     scheme_list = [check_choice("scheme", s.strip(), SCHEMES) for s in schemes.split(",") if s.strip()]
     if model is not None and model.lower().endswith(".onnx"):
         path = Path(model)

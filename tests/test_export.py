@@ -258,3 +258,44 @@ def test_recommend_takes_the_fastest_row_within_tolerance():
     assert recommend(rows, 0.956, tolerance=1.0)["depth"] == 4
     assert recommend(rows, 0.956, tolerance=7.0)["depth"] == 2
     assert recommend(rows, 0.99, tolerance=0.5) is None
+
+
+@pytest.mark.parametrize("scheme", ["euler", "midpoint", "heun", "ralston", "rk4", "rk38", "reversible_heun"])
+@pytest.mark.parametrize("fmt", ["onnx", "onnx-dynamic", "torchscript", "pt2"])
+def test_every_format_runs_every_scheme(tmp_path, fmt, scheme):
+    """Parity on random inputs, rtol 1e-5, for each format × scheme (the file is run by its own runtime)."""
+    from resode_export.export import verify
+
+    model = _model(scheme=scheme, depths=(3, 2), knots=(4, 3), interp="cubic")
+    dynamic = fmt == "onnx-dynamic"
+    fmt = "onnx" if dynamic else fmt
+    export_model(model, fmt, tmp_path / "m", dynamic_depth=dynamic)
+    assert verify(model, fmt, str(tmp_path / "m"), None, dynamic, depths=(1, 3, 10)) <= 1e-5
+
+
+def test_check_recommends_the_known_answer():
+    """Zero residual functions: every depth × scheme gives the same logits, so the cheapest row must win."""
+    from resode_export.check import check_model
+    from resode_export.data import load_data
+
+    data = load_data("digits")
+    model = ODENet(mlp_config(in_shape=data.in_shape, num_classes=10, widths=(256,), depths=(4,), hidden=512), seed=0)
+    result = check_model(model, data, depths=[1, 48], schemes=["euler", "rk4"], tolerance=0.0, repeats=20, limit=64)
+    accuracies = {r["accuracy"] for r in result["rows"]}
+    assert accuracies == {result["source_accuracy"]}  # the ODE blocks are the identity at every depth
+    assert (result["recommended"]["depth"], result["recommended"]["scheme"]) == (1, "euler")
+
+
+def test_check_bad_depths_and_schemes(capsys):
+    for args, message in ((["--depths", "0,4"], "depth must be"), (["--depths", "4,x"], "comma list"),
+                          (["--schemes", "euler,nosuch"], "nosuch"), (["--plot", "out.jpg"], ".png")):
+        code, _, err = run_cli(capsys, "check", *args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_missing_onnxruntime_is_bad_input_not_a_crash(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    for args in (["export", "--out", tmp_path / "m.onnx"], ["check", "--depths", "2"]):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and "pip install onnx onnxruntime" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []

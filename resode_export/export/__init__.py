@@ -36,6 +36,7 @@ class ExportMismatch(RuntimeError):
 
 
 def onnx_session(path: str | os.PathLike, threads: int = 1):
+    require_onnx()
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -43,6 +44,16 @@ def onnx_session(path: str | os.PathLike, threads: int = 1):
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def require_onnx() -> None:
+    """Bad input, not a crash: ONNX export and check need onnx and onnxruntime."""
+    for name in ("onnx", "onnxruntime"):
+        try:
+            __import__(name)
+        except ImportError:
+            raise ResodeError(f"{name} is not installed, and resode builds and runs every ONNX file it writes or "
+                              "checks with it: pip install onnx onnxruntime") from None
 
 
 def run_onnx(session, x: np.ndarray, depth: int | None = None, batch_size: int = 500) -> np.ndarray:
@@ -136,6 +147,8 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
     if dynamic_depth and fmt != "onnx":
         raise ResodeError("--dynamic-depth is an ONNX form; use --format onnx")
     out = check_output_path(out)
+    if fmt == "onnx":
+        require_onnx()
     model = model.float().cpu().eval()
     meta = {"resode.scheme": model.config.scheme, "resode.depths": ",".join(map(str, model.config.depths)),
             "resode.dynamic_depth": str(dynamic_depth).lower(), **{k: str(v) for k, v in (metadata or {}).items()}}
@@ -186,4 +199,5 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
     }
 
 
-__all__ = ["FORMATS", "ExportMismatch", "default_path", "export_model", "onnx_session", "run_onnx", "verify"]
+__all__ = ["FORMATS", "ExportMismatch", "default_path", "export_model", "onnx_session", "require_onnx", "run_onnx",
+           "verify"]
