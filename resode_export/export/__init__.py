@@ -8,6 +8,7 @@ and :class:`ExportMismatch` raised. Files are written to a temporary name and re
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -149,7 +150,7 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
     out = check_output_path(out)
     if fmt == "onnx":
         require_onnx()
-    model = model.float().cpu().eval()
+    model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its dtype, device and mode
     meta = {"resode.scheme": model.config.scheme, "resode.depths": ",".join(map(str, model.config.depths)),
             "resode.dynamic_depth": str(dynamic_depth).lower(), **{k: str(v) for k, v in (metadata or {}).items()}}
     start = time.perf_counter()
@@ -174,7 +175,9 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
             torch.export.save(exported_program(model), tmp)
         seconds = time.perf_counter() - start
         verify_start = time.perf_counter()
-        deviation = verify(model, fmt, tmp, data, dynamic_depth)
+        native = sorted(set(model.config.depths))
+        checked = sorted(set(DYNAMIC_CHECK_DEPTHS) | (set(native) if len(native) == 1 else set()))
+        deviation = verify(model, fmt, tmp, data, dynamic_depth, depths=checked)
         if not deviation <= tolerance:
             raise ExportMismatch(f"the exported {fmt} file deviates from the PyTorch model by {deviation:.2e} "
                                  f"(relative, above {tolerance:.0e}); nothing was written")
@@ -187,14 +190,14 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
         if external is not None:
             external.unlink(missing_ok=True)
         raise
-    depths = sorted(set(model.config.depths))
+    depths = native
     return {
         "path": str(out), "format": fmt, "dynamic_depth": dynamic_depth,
         "depth": None if dynamic_depth else (depths[0] if len(depths) == 1 else list(model.config.depths)),
         "scheme": model.config.scheme, "max_rel_deviation": deviation,
         "bytes": out.stat().st_size + (external.stat().st_size if external is not None else 0),
         "external_data": str(external) if external is not None else None,
-        "checked_depths": list(DYNAMIC_CHECK_DEPTHS) if dynamic_depth else None,
+        "checked_depths": checked if dynamic_depth else None,
         "seconds": round(seconds, 3), "verify_seconds": round(time.perf_counter() - verify_start, 3),
     }
 
