@@ -390,6 +390,50 @@ def check(
         print(f"plot: {result['plot']}")
 
 
+@app.command()
+def inspect(
+    model: ModelArg = None,
+    data: Annotated[Optional[str], typer.Option(
+        help="digits, fashion-mnist, a folder of IDX files or an .npz. Default: the model's own.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Test samples to measure on.")] = 256,
+    tolerance: Annotated[float, typer.Option(
+        help="Relative logit deviation from the limit ODE that a re-discretization may have.")] = 0.05,
+    as_json: JsonOpt = False,
+):
+    """Is this ResNet ODE-like? Smoothness in depth, distance to its limit ODE, convergence, safe depths."""
+    from .convert import dataset_for, load_model
+    from .data import load_data
+    from .diagnose import inspect_model
+
+    start = time.perf_counter()
+    if not tolerance > 0 or tolerance != tolerance:
+        raise ResodeError(f"--tolerance must be a positive number, got {tolerance}")
+    net, header, path = load_model(model)
+    dataset = load_data(data) if data else dataset_for(header)
+    x = dataset.x_test[:limit]
+    if tuple(x.shape[1:]) != tuple(net.config.in_shape):
+        raise ResodeError(f"test data has samples of shape {tuple(x.shape[1:])}, the model expects {net.config.in_shape}")
+    result = {"model": str(path), **inspect_model(net, x, tolerance)}
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"resode inspect: {path.name}")
+    for col in ("stage", "depth", "knots", "parameters", "N·max‖Δθ‖/max‖θ‖", "N·mean‖Δθ‖/max‖θ‖",
+                "distance to limit ODE"):
+        table.add_column(col, justify="right")
+    for st in result["stages"]:
+        table.add_row(str(st["stage"]), str(st["depth"]), str(st["knots"]), str(st["parameters"]),
+                      f"{st['roughness_max']:.3g}", f"{st['roughness_mean']:.3g}", f"{st['distance_to_limit_ode']:.3g}")
+    Console().print(table)
+    orders = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in result["convergence_order"].items())
+    depths = ", ".join(f"{k} {v if v is not None else '> ' + str(4 * max(net.config.depths))}"
+                       for k, v in result["min_depth"].items())
+    print(f"observed convergence order under re-discretization: {orders}")
+    print(f"smallest depth within {tolerance:g} of the limit ODE ({result['reference']}): {depths}")
+    print(result["verdict"])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every error into one line on stderr and an exit code."""
     global _invocation
