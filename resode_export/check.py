@@ -9,6 +9,7 @@ the depths. The recommendation is the lowest-latency (batch 1) row whose accurac
 
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -76,8 +77,11 @@ def check_model(model: ODENet, data: Dataset, depths: list[int], schemes: list[s
 
     from .export.onnx_graph import static_graph
 
-    model = model.float().cpu().eval()
+    model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its dtype, device and mode
     x_t, y = data.x_test[:limit].float(), data.y_test[:limit]
+    if tuple(x_t.shape[1:]) != tuple(model.config.in_shape):
+        raise ResodeError(f"test data has samples of shape {tuple(x_t.shape[1:])}, the model expects "
+                          f"{tuple(model.config.in_shape)}")
     source_accuracy = accuracy(predict(model, x_t), y)
     x = x_t.numpy()
     rows = []
@@ -105,7 +109,14 @@ def check_onnx(path: Path, data: Dataset, depths: list[int], tolerance: float, r
                limit: int | None = None, progress=None) -> dict:
     """Sweep a resode ``.onnx`` file: a dynamic-depth graph over ``depths``, a static one at its own depth."""
     meta = _onnx_metadata(path)
-    session = onnx_session(path)
+    try:
+        session = onnx_session(path)
+    except ResodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a file onnxruntime cannot load is bad input
+        message = " ".join(str(exc).split())[:200]
+        raise ResodeError(f"onnxruntime cannot load {path.name} ({message}); export it again with resode "
+                          "export") from None
     in_shape = tuple(session.get_inputs()[0].shape[1:])
     x_t, y = data.x_test[:limit].float(), data.y_test[:limit]
     if tuple(x_t.shape[1:]) != in_shape:

@@ -349,6 +349,8 @@ def check(
     depth_list = [check_depth(d) for d in _int_list(depths, "--depths")]
     require_onnx()
     scheme_list = [check_choice("scheme", s.strip(), SCHEMES) for s in schemes.split(",") if s.strip()]
+    if not scheme_list:
+        raise ResodeError("--schemes is empty; give a comma list such as euler,heun,rk4")
     if model is not None and model.lower().endswith(".onnx"):
         path = Path(model)
         if not path.is_file():
@@ -383,9 +385,9 @@ def check(
     rec = result["recommended"]
     if rec:
         print(f"recommended: depth {rec['depth']} with {rec['scheme']}: {100 * rec['accuracy']:.2f} % at "
-              f"{rec['latency_ms_b1']:.3f} ms per sample (within {tolerance} points of the source)")
+              f"{rec['latency_ms_b1']:.3f} ms per sample (within {tolerance} points of {result['reference']})")
     else:
-        print(f"no depth × scheme here stays within {tolerance} points of the source; try deeper depths")
+        print(f"no depth × scheme here stays within {tolerance} points of {result['reference']}; try deeper depths")
     if result["plot"]:
         print(f"plot: {result['plot']}")
 

@@ -15,6 +15,7 @@ and the model lies within ``MAX_DISTANCE`` of its limit ODE.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -111,8 +112,8 @@ def inspect_model(model: ODENet, x: Tensor, tolerance: float = 0.05, max_depth: 
     """The report of ``resode inspect`` on inputs x (a batch of the model's test data)."""
     if not tolerance > 0:
         raise ResodeError(f"--tolerance must be positive, got {tolerance}")
-    model = model.float().eval()
-    x = x.float()
+    model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its dtype, device and mode
+    x = x.float().cpu()
     native = model.config.depths
     ref_model = model.discretize(depth=tuple(REFERENCE_FACTOR * d for d in native), scheme=REFERENCE_SCHEME,
                                  grad="backprop")

@@ -148,20 +148,32 @@ def test_graphs_above_protobufs_limit_keep_their_weights_beside_them(tmp_path, m
 
     monkeypatch.setattr(export, "PROTOBUF_LIMIT", 1000)  # stands for 2 GB
     model = _model()
-    rec = export_model(model, "onnx", tmp_path / "m.onnx")
-    assert "m.onnx.data" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
-    assert rec["external_data"].endswith("m.onnx.data") and rec["max_rel_deviation"] <= 1e-5
-    assert rec["bytes"] == (tmp_path / "m.onnx").stat().st_size + (tmp_path / "m.onnx.data").stat().st_size
-    assert (tmp_path / "m.onnx.data").stat().st_size > 0
     x = _x(model)
-    with torch.no_grad():
-        assert _max_rel(run_onnx(onnx_session(tmp_path / "m.onnx"), x.numpy()), model(x)) <= 1e-5
-    monkeypatch.setattr(onnx_graph, "GN_EPS", 1.0)  # a failed verification removes the weights file too
-    monkeypatch.setattr(onnx_graph, "emit_head", lambda g, m, x: g.op("Neg", [g.op("Add", [x, x])]))
+
+    def files():
+        return sorted(p.name for p in tmp_path.iterdir())
+
+    def runs_right():
+        with torch.no_grad():
+            return _max_rel(run_onnx(onnx_session(tmp_path / "m.onnx"), x.numpy()), model(x)) <= 1e-5
+
+    rec = export_model(model, "onnx", tmp_path / "m.onnx")
+    data = Path(rec["external_data"])
+    assert data.name in capsys.readouterr().err
+    assert files() == ["m.onnx", data.name] and data.name.startswith("m.onnx.") and data.suffix == ".data"
+    assert rec["bytes"] == (tmp_path / "m.onnx").stat().st_size + data.stat().st_size and data.stat().st_size > 0
+    assert rec["max_rel_deviation"] <= 1e-5 and runs_right()
+    # a failed re-export leaves the earlier graph and its weights as they were
     with pytest.raises(ExportMismatch):
-        export_model(_model(), "onnx", tmp_path / "n.onnx")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+        export_model(model, "onnx", tmp_path / "m.onnx", tolerance=-1.0)
+    assert files() == ["m.onnx", data.name] and runs_right()
+    # a successful one replaces both, and the earlier weights file goes
+    rec2 = export_model(model, "onnx", tmp_path / "m.onnx")
+    assert files() == ["m.onnx", Path(rec2["external_data"]).name] and rec2["external_data"] != rec["external_data"]
+    assert runs_right()
+    monkeypatch.setattr(export, "PROTOBUF_LIMIT", 2**31)  # back to one file: no weights file is left behind
+    export_model(model, "onnx", tmp_path / "m.onnx")
+    assert files() == ["m.onnx"] and runs_right()
 
 
 def test_static_export_of_depth_1024_is_fast(tmp_path):
@@ -299,3 +311,26 @@ def test_missing_onnxruntime_is_bad_input_not_a_crash(capsys, tmp_path, monkeypa
         code, _, err = run_cli(capsys, *args)
         assert code == 2 and "pip install onnx onnxruntime" in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_bad_data_and_unloadable_files(capsys, tmp_path):
+    np.savez(tmp_path / "five.npz", x_train=np.zeros((4, 5), np.float32), y_train=np.zeros(4, np.int64),
+             x_test=np.zeros((4, 5), np.float32), y_test=np.zeros(4, np.int64))
+    code, _, err = run_cli(capsys, "check", "--data", tmp_path / "five.npz", "--depths", "2")
+    assert code == 2 and "shape" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(capsys, "check", "--schemes", ",")
+    assert code == 2 and "--schemes is empty" in err, err
+    # a resode graph whose weights file is gone
+    import resode_export.export as export
+
+    model = _model()
+    original = export.PROTOBUF_LIMIT
+    export.PROTOBUF_LIMIT = 1000
+    try:
+        rec = export_model(model, "onnx", tmp_path / "m.onnx", metadata={"resode.data": "digits"})
+    finally:
+        export.PROTOBUF_LIMIT = original
+    Path(rec["external_data"]).unlink()
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "check", tmp_path / "m.onnx")
+    assert code == 2 and "cannot load" in err and len(err.strip().splitlines()) == 1, err

@@ -9,6 +9,7 @@ and :class:`ExportMismatch` raised. Files are written to a temporary name and re
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import sys
@@ -116,21 +117,29 @@ def default_path(source: Path, fmt: str, model: ODENet, dynamic_depth: bool) -> 
     return source.with_name(f"{source.stem}-{depth}-{model.config.scheme}{FORMATS[fmt]}")
 
 
-def _write_onnx(proto, tmp: str, out: Path) -> Path | None:
-    """One self-contained file below protobuf's 2 GB limit; above it, the weights go to ``<out>.data``."""
+def _write_onnx(proto, tmp: str, data: Path) -> bool:
+    """One self-contained file below protobuf's 2 GB limit (False); above it, the weights go to ``data`` (True).
+
+    ``data`` has a name of its own for this export (``<out>.<token>.data``): the graph refers to it by
+    name, and a failed export removes it without touching the weights of an earlier export.
+    """
     import onnx
 
     if proto.ByteSize() < PROTOBUF_LIMIT:
         onnx.save_model(proto, tmp)
-        return None
-    data = out.with_name(out.name + ".data")
+        return False
     print(f"note: the graph holds {proto.ByteSize() / 2**30:.1f} GiB, above protobuf's 2 GB limit for one file: "
           f"its weights go to {data.name} beside it; keep the two files together (or export with --dynamic-depth, "
           "whose size does not grow with depth)", file=sys.stderr)
-    data.unlink(missing_ok=True)
     onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
                     size_threshold=0)
-    return data
+    return True
+
+
+def _stale_data_files(out: Path, keep: Path | None) -> list[Path]:
+    """Weights files of earlier exports to ``out`` (replaced by this one)."""
+    old = [out.with_name(out.name + ".data"), *out.parent.glob(f"{glob.escape(out.name)}.*.data")]
+    return [p for p in old if p.is_file() and p != keep]
 
 
 def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_depth: bool = False,
@@ -157,12 +166,13 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
     external = None
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=FORMATS[fmt], dir=out.parent)
     os.close(fd)
+    data_file = out.with_name(f"{out.name}.{Path(tmp).name.split('.')[-2]}.data")  # unique, decided up front
     try:
         if fmt == "onnx":
             from .onnx_graph import dynamic_graph, static_graph
 
             proto = (dynamic_graph if dynamic_depth else static_graph)(model, meta)
-            external = _write_onnx(proto, tmp, out)
+            external = data_file if _write_onnx(proto, tmp, data_file) else None
         elif fmt == "torchscript":
             from .torch_graph import torchscript
 
@@ -187,9 +197,10 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        if external is not None:
-            external.unlink(missing_ok=True)
+        data_file.unlink(missing_ok=True)  # a weights file of this export only, complete or not
         raise
+    for stale in _stale_data_files(out, external):  # the new graph is in place: earlier weights are unused
+        stale.unlink(missing_ok=True)
     depths = native
     return {
         "path": str(out), "format": fmt, "dynamic_depth": dynamic_depth,
