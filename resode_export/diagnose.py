@@ -84,17 +84,6 @@ def _solve(block: ODEBlock, x: Tensor, scheme: str, depth: int) -> Tensor:
     return solve(block.field, x, block.curve.sample(times), scheme, depth)
 
 
-@torch.no_grad()
-def _stage_inputs(model: ODENet, x: Tensor) -> list[Tensor]:
-    inputs, h = [], model.stem(x)
-    for i, block in enumerate(model.blocks):
-        inputs.append(h)
-        h = block(h)
-        if i < len(model.transitions):
-            h = model.transitions[i](h)
-    return inputs
-
-
 def _deviation(model: ODENet, x: Tensor, reference: Tensor) -> float:
     with torch.no_grad():
         return float(relative_deviation(model(x), reference).max())
@@ -122,7 +111,9 @@ def inspect_model(model: ODENet, x: Tensor, tolerance: float = 0.05, max_depth: 
     with torch.no_grad():
         reference = ref_model(x)
     stages = []
-    for i, (block, xin) in enumerate(zip(model.blocks, _stage_inputs(model, x))):
+    with torch.no_grad():
+        inputs = model.block_inputs(x)
+    for i, (block, xin) in enumerate(zip(model.blocks, inputs)):
         stages.append({"stage": i, "depth": block.depth, "knots": block.curve.num_knots, "scheme": block.scheme,
                        "interp": block.curve.interp,
                        "parameters": sum(p.numel() for p in block.parameters()), **smoothness(block),

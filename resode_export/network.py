@@ -197,6 +197,16 @@ class ODENet(nn.Module):
                 x = self.transitions[i](x)
         return self.head(x)
 
+    def block_inputs(self, x: Tensor) -> list[Tensor]:
+        """The input of every ODE block on x: the stem's output, then each transition's."""
+        inputs, x = [], self.stem(x)
+        for i, block in enumerate(self.blocks):
+            inputs.append(x)
+            x = block(x)
+            if i < len(self.transitions):
+                x = self.transitions[i](x)
+        return inputs
+
     def discretize(
         self,
         depth: int | tuple[int, ...] | None = None,

@@ -163,24 +163,13 @@ def _restore_monitors(model: ODENet, saved: list[dict]) -> None:
             monitor.history = [tuple(c) for c in entry["checks"]]
 
 
-def _block_inputs(model: ODENet, x: torch.Tensor) -> list[torch.Tensor]:
-    inputs = []
-    x = model.stem(x)
-    for i, block in enumerate(model.blocks):
-        inputs.append(x)
-        x = block(x)
-        if i < len(model.transitions):
-            x = model.transitions[i](x)
-    return inputs
-
-
 @torch.no_grad()
 def reconstruction_errors(model: ODENet, x: torch.Tensor) -> list[float] | None:
     """Each block's adjoint reconstruction error ‖x̃_0 − x_0‖ / ‖x_0‖ on x, for adjoint/auto models."""
     if model.config.grad not in ("adjoint", "auto"):
         return None
     return [reconstruction_error(b.field, xi, b.curve, b.scheme, b.depth) for b, xi in zip(model.blocks,
-                                                                                       _block_inputs(model, x))]
+                                                                                       model.block_inputs(x))]
 
 
 def train(
