@@ -23,15 +23,15 @@ depth), in float64. Writes marion_smoothness.{csv,png,md} under --out.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from common import loglog_slope as slope
+from common import write_csv
 
 from resode_export.curves import roughness
 
@@ -132,11 +132,6 @@ def train_depth(depth: int, steps: int, checkpoints: set[int], lr_c: float, seed
     return rows
 
 
-def slope(depths, values) -> float:
-    """Least-squares slope of log(value) against log(L)."""
-    return float(np.polyfit(np.log(depths), np.log(values), 1)[0])
-
-
 def plot(rows: list[dict], path: Path, depths: list[int], steps: int) -> None:
     import matplotlib
 
@@ -215,10 +210,7 @@ def main() -> None:
         print(f"L={depth:5d}: {seconds[depth]:6.1f} s", flush=True)
 
     csv_path, png_path, md_path = (args.out / f"{NAME}.{ext}" for ext in ("csv", "png", "md"))
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(csv_path, rows)
     plot(rows, png_path, depths, steps)
     total = time.perf_counter() - start  # training, CSV and PNG
 

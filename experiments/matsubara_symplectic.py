@@ -19,17 +19,18 @@ Writes ``<out>/matsubara_symplectic_exactness.csv``, ``<out>/matsubara_symplecti
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchmarks/
+
+from common import loglog_slope as slope  # noqa: E402
+from common import write_csv  # noqa: E402
 
 from benchmarks.memory import ARCHS, BATCH, saved_bytes  # noqa: E402
 from resode_export.gradients import GRADIENTS, compatible  # noqa: E402
@@ -41,10 +42,6 @@ EXACT_CASES = [("symplectic", "euler"), ("symplectic", "heun"), ("symplectic", "
                ("reversible", "reversible_heun"),
                ("adjoint", "euler"), ("adjoint", "heun"), ("adjoint", "rk4")]  # adjoint: approximate, for contrast
 EXACT_METHODS = ("symplectic", "checkpoint", "reversible")
-
-
-def slope(xs, ys) -> float:
-    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
 def rough_weights_(model: ODENet, seed: int) -> ODENet:
@@ -113,13 +110,6 @@ def cost(arch: str, depths: list[int], schemes: list[str], repeats: int) -> list
             print(f"  {scheme:>15} {method:>12} depth {depth:>3}: {nbytes / 2**20:9.3f} MiB saved, "
                   f"{1000 * seconds:8.1f} ms forward+backward", flush=True)
     return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 COLORS = {"backprop": "C0", "checkpoint": "C1", "adjoint": "C2", "adjoint_fast": "C3", "symplectic": "C4",

@@ -19,14 +19,14 @@ Writes ``<out>/sander_adjoint_gradients.csv``, ``<out>/sander_adjoint_training.c
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from common import loglog_slope as fitted_slope
+from common import write_csv
 
 from resode_export.data import load_data
 from resode_export.gradients import reconstruction_error
@@ -35,11 +35,6 @@ from resode_export.train import TrainingDiverged, TrainOptions, train
 
 NAME = "sander_adjoint"
 RMS_SMOOTH = math.sqrt(1 + 0.5 + 0.2)  # rms over t ∈ [0, 1] of A + B sin 2πt + C t² for unit-variance A, B, C
-
-
-def fitted_slope(depths, errors) -> float:
-    """Least-squares slope of log(error) against log(depth)."""
-    return float(np.polyfit(np.log(depths), np.log(errors), 1)[0])
 
 
 WEIGHTS = ("smooth", "iid", "smooth+iid")
@@ -149,13 +144,6 @@ def training(depths: list[int], epochs: int, batch_size: int, lr: float) -> list
                       f"train loss {row['train_loss']:.3g}, reconstruction error {row['final_reconstruction_error']:.3g}, "
                       f"{row['seconds']:.1f} s", flush=True)
     return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot(path: Path, grad_rows: list[dict], train_rows: list[dict], fits: dict) -> None:

@@ -32,13 +32,14 @@ and ``<out>/sander_distance.md``.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import loglog_slope as fitted_slope
+from common import write_csv
 
 from resode_export.curves import Curve
 from resode_export.fields import MLPField
@@ -51,11 +52,6 @@ TAIL = 4  # the "deep" slope is fitted on the TAIL deepest depths
 
 FULL = dict(depths=[2**k for k in range(1, 11)], seeds=5, batch=64, ref_steps=4096, min_steps=4096, per_knot=16)
 SMOKE = dict(depths=[8, 16, 32, 64, 128, 256], seeds=2, batch=32, ref_steps=1024, min_steps=512, per_knot=8)
-
-
-def fitted_slope(depths, values) -> float:
-    """Least-squares slope of log(value) against log(depth)."""
-    return float(np.polyfit(np.log(depths), np.log(values), 1)[0])
 
 
 def weight_draws(field: MLPField, seed: int, scale: float) -> tuple[dict, dict]:
@@ -275,10 +271,7 @@ def main() -> None:
     start = time.perf_counter()
     rows = run(cfg, args.scale, width=16, hidden=16)
     seconds = time.perf_counter() - start
-    with open(out / f"{NAME}.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / f"{NAME}.csv", rows)
     summary = summarize(rows, cfg["depths"])
     plot(summary, cfg["depths"], out / f"{NAME}.png")
     command = "OMP_NUM_THREADS=1 python experiments/sander_distance.py" + (" --smoke" if args.smoke else "")

@@ -28,13 +28,13 @@ at the middle depth, seed 0), ``<out>/sander_linear.png`` and ``<out>/sander_lin
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import write_csv
 
 from resode_export.curves import roughness
 from resode_export.fields import LinearField
@@ -279,10 +279,7 @@ def main() -> None:
     rows, coefficients, loss_curves, main_depth = run(cfg, dim, eta, target_scale, iid_scale)
     seconds = time.perf_counter() - start
     for name, table in ((f"{NAME}.csv", rows), (f"{NAME}_coefficients.csv", coefficients)):
-        with open(out / name, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
+        write_csv(out / name, table)
     summary = summarize(rows, cfg)
     plot(coefficients, loss_curves, summary, cfg, main_depth, out / f"{NAME}.png")
     command = "OMP_NUM_THREADS=1 python experiments/sander_linear.py" + (" --smoke" if args.smoke else "")
