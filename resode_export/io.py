@@ -29,9 +29,9 @@ def check_output_path(path: str | os.PathLike) -> Path:
     """Fail early, before any work, if ``path`` cannot be written as a file."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise ResodeError(f"output folder {str(path.parent)!r} does not exist; create it or choose another --out")
+        raise ResodeError(f"output folder {str(path.parent)!r} does not exist; create it or choose another output path")
     if path.is_dir():
-        raise ResodeError(f"output path {str(path)!r} is a folder; give a file name such as {str(path / 'model.safetensors')!r}")
+        raise ResodeError(f"output path {str(path)!r} is a folder; give a file name inside it")
     return path
 
 
