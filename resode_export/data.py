@@ -20,6 +20,7 @@ from .errors import ResodeError
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 DATASETS = ("digits", "fashion-mnist")
+MAX_CLASSES = 100_000  # a label beyond this is a mistake, not a class: the head would not fit in memory
 
 
 @dataclass
@@ -121,16 +122,24 @@ def npz(path: str | os.PathLike) -> Dataset:
             arrays = {k: fh[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except KeyError as exc:
         raise ResodeError(f"{str(path)!r} lacks array {exc}; it needs x_train, y_train, x_test, y_test") from None
-    except (OSError, ValueError) as exc:
-        raise ResodeError(f"cannot read {str(path)!r} as .npz: {exc}") from None
+    except (OSError, ValueError, EOFError) as exc:
+        if "pickle" in str(exc):
+            raise ResodeError(f"cannot read {str(path)!r}: it holds pickled (object) arrays and resode never unpickles "
+                              "data; save numeric arrays, e.g. np.savez(path, x_train=x.astype(np.float32), ...)") from None
+        text = " ".join(str(exc).split())[:200]
+        raise ResodeError(f"cannot read {str(path)!r} as .npz ({text}); give an .npz of numeric arrays x_train, "
+                          "y_train, x_test, y_test") from None
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim < 2 or y.ndim != 1 or len(x) == 0:
             raise ResodeError(f"{str(path)!r}: x_{split} must be (samples, features...) and y_{split} (samples,), non-empty")
         if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
             raise ResodeError(f"{str(path)!r}: x_{split} and y_{split} must have the same length, labels integers >= 0")
-        if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
-            raise ResodeError(f"{str(path)!r}: x_{split} must be numeric and finite (no NaN)")
+        if y.max() >= MAX_CLASSES:
+            raise ResodeError(f"{str(path)!r}: y_{split} has label {y.max()}; labels must be below {MAX_CLASSES} "
+                              "(number the classes 0, 1, 2, ...)")
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)) or not np.isfinite(x).all():
+            raise ResodeError(f"{str(path)!r}: x_{split} must be real numbers, all finite (no NaN or infinity)")
     if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
         raise ResodeError(f"{str(path)!r}: train and test samples have different shapes")
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
@@ -140,6 +149,8 @@ def npz(path: str | os.PathLike) -> Dataset:
 
 def load_data(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
     """``digits``, ``fashion-mnist`` (from ``data_dir`` if given), a folder of MNIST-style IDX files, or a .npz."""
+    if not isinstance(name, str) or not name:
+        raise ResodeError(f"no data set named {name!r}; use one of {', '.join(DATASETS)}, a folder of IDX files or a .npz")
     if name == "digits":
         return digits()
     if name == "fashion-mnist":

@@ -1,14 +1,20 @@
 """Checkpoints: one ``.safetensors`` file, the config as JSON in its metadata.
 
 Loading never unpickles: a pickle or ``torch.save`` file is refused with a clear message.
-Every write goes to a temporary name in the target folder and is renamed into place, so a
-failed or interrupted write never leaves a half-written file behind.
+Every write goes to a temporary name in the target folder, is flushed to disk and renamed into
+place, so a failed or killed write never leaves a half-written file under the target's name
+(a killed writer's temporary file is removed by the next write to the same path). Every file
+resode writes carries a SHA-256 checksum of its metadata and tensors, so truncation and bit
+flips are refused on loading instead of silently changing the weights.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +28,9 @@ from .network import ODENet, ODENetConfig
 
 FORMAT_VERSION = 1
 METADATA_KEY = "resode"
+DIGEST_KEY = "resode.sha256"  # safetensors metadata: checksum of the other metadata and every tensor
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol ≥ 2; torch.save's zip container
+_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
@@ -36,18 +44,59 @@ def check_output_path(path: str | os.PathLike) -> Path:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_name)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(tmp_name)`` on a temporary file beside ``path``, flush it to disk, rename it to ``path``.
+
+    ``path`` then holds either its previous content or the complete new one, even if the process is
+    killed or the machine loses power; an exception removes the temporary file. Temporary files of
+    writers to ``path`` that were killed (their process is gone) are removed first.
+    """
     path = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync(path.parent)  # the rename itself
     return path
+
+
+def temporaries(path: str | os.PathLike) -> list[Path]:
+    """Temporary files of :func:`atomic_write` calls to ``path`` (live or killed writers)."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.") + r"\d+-[A-Za-z0-9_]+\.tmp")
+    return sorted(p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if pattern.fullmatch(p.name))
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX
+        return
+    for tmp in temporaries(path):
+        pid = int(tmp.name[len(path.name) + 2 :].split("-", 1)[0])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:  # its writer is gone: the file can never be completed
+            tmp.unlink(missing_ok=True)
+        except OSError:  # alive (another user's process) or unknown: leave it
+            pass
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -60,21 +109,54 @@ def save_checkpoint(path: str | os.PathLike, model: ODENet, info: dict | None = 
     """Write ``model`` and ``info`` (data set, metrics, training record) to ``path`` atomically."""
     header = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(), **(info or {})}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(header)}))
+    return write_safetensors(path, tensors, {METADATA_KEY: json.dumps(header)})
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the string metadata of a safetensors file; ResodeError if it is corrupt."""
+def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 of the metadata (except the checksum itself) and of every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in metadata if k != DIGEST_KEY):
+        h.update(json.dumps([key, metadata[key]]).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write tensors and string metadata, with their checksum, atomically to ``path``."""
+    metadata = {**metadata, DIGEST_KEY: digest(tensors, metadata)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_safetensors(path: Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the string metadata of a safetensors file; ResodeError if it is corrupt.
+
+    A file written by resode carries a checksum, which must match (files from elsewhere have none);
+    ``verify=False`` leaves that to a later :func:`verify_digest`.
+    """
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as exc:  # safetensors raises its own error types for every corruption
-        raise ResodeError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+        text = " ".join(str(exc).split())[:200]
+        raise ResodeError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {text}; "
+                          "restore it from a backup or write it again") from None
+    if verify:
+        verify_digest(path, tensors, metadata)
     return tensors, metadata
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def verify_digest(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """ResodeError if the file carries a checksum that its metadata and tensors do not match."""
+    if DIGEST_KEY in metadata and metadata[DIGEST_KEY] != digest(tensors, metadata):
+        raise ResodeError(f"{str(path)!r} is corrupt: its contents do not match the checksum resode wrote with it "
+                          "(a flipped bit or a partial copy?); restore it from a backup or write it again")
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
     if not path.exists():
         raise ResodeError(f"no such file: {str(path)!r}; give the path of a resode .safetensors checkpoint")
     if not path.is_file():
@@ -89,7 +171,12 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"{str(path)!r} is a pickle/torch.save file; resode never unpickles files: "
             "give a resode .safetensors checkpoint"
         )
-    tensors, metadata = read_safetensors(path)
+    if not laid_out and path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise ResodeError(
+            f"{str(path)!r} is not a safetensors file (a {path.suffix} pickle?); resode never unpickles files: "
+            "give a resode .safetensors checkpoint"
+        )
+    tensors, metadata = read_safetensors(path, verify=False)  # specific complaints first, the checksum last
     if METADATA_KEY not in metadata:
         raise ResodeError(f"{str(path)!r} is a safetensors file but not a resode checkpoint (no {METADATA_KEY!r} metadata)")
     try:
@@ -98,11 +185,14 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise ResodeError(f"{str(path)!r} has corrupt resode metadata: {exc}") from None
     if not isinstance(header, dict) or not all(isinstance(header.get(k, {}), dict) for k in ("config", "data")):
         raise ResodeError(f"{str(path)!r} has corrupt resode metadata: expected a JSON object with config and data objects")
-    return tensors, header
+    return tensors, header, metadata
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[ODENet, dict]:
     """Read a checkpoint written by :func:`save_checkpoint`.
+
+    The config is checked against the file's tensors before the model is built, so a header that
+    claims an absurd size costs no memory.
 
     Returns:
         the model (float32, eval mode) and the header dict (``config``, ``data``, ``metrics``…).
@@ -110,27 +200,56 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ODENet, dict]:
         ResodeError: missing, corrupt, pickled, foreign or inconsistent files, non-finite weights.
     """
     path = Path(path)
-    tensors, header = _read(path)
+    tensors, header, metadata = _read(path)
     version = header.get("format_version")
     if version != FORMAT_VERSION:
         raise ResodeError(f"{str(path)!r} has checkpoint format {version!r}; this resode reads format {FORMAT_VERSION}")
+    if "config" not in header:
+        raise ResodeError(f"{str(path)!r} has no config in its resode metadata; restore the file or write it again")
     try:
         config = ODENetConfig.from_dict(header["config"])
-        model = ODENet(config)
+        expected = _expected_tensors(config)
     except ResodeError as exc:
         raise ResodeError(f"{str(path)!r} has an invalid config: {exc}") from None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ResodeError(f"{str(path)!r} has an invalid config: {exc!r}") from None
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ResodeError(f"{str(path)!r} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, value in tensors.items():
-        if value.shape != expected[name].shape:
-            raise ResodeError(
-                f"{str(path)!r}: tensor {name!r} has shape {tuple(value.shape)}, config needs {tuple(expected[name].shape)}"
-            )
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ResodeError(f"{str(path)!r}: tensor {name!r} holds NaN or infinite values; retrain or restore the file")
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        raise ResodeError(f"{str(path)!r} has an invalid config: {' '.join(repr(exc).split())[:200]}") from None
+    if expected is not None:
+        _check_tensors(path, tensors, expected)
+    try:
+        model = ODENet(config)
+    except (ResodeError, KeyError, TypeError, ValueError, ArithmeticError, RuntimeError) as exc:
+        raise ResodeError(f"{str(path)!r} has an invalid config: {' '.join(repr(exc).split())[:200]}") from None
+    if expected is None:
+        _check_tensors(path, tensors, {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()})
+    verify_digest(path, tensors, metadata)
     model.load_state_dict(tensors)
     return model.eval(), header
+
+
+def _expected_tensors(config: ODENetConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]] | None:
+    """Name → (shape, dtype) of the model ``config`` describes, built on the meta device (no memory)."""
+    try:
+        with torch.device("meta"):
+            skeleton = ODENet(config)
+    except (ResodeError, KeyError, TypeError, ValueError, ArithmeticError):
+        raise
+    except Exception:  # noqa: BLE001 - a part that cannot be built on the meta device: check the real model
+        return None
+    return {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict) -> None:
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ResodeError(f"{str(path)!r} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+                          "restore the file or write it again")
+    for name, value in tensors.items():
+        shape, dtype = expected[name]
+        if tuple(value.shape) != shape:
+            raise ResodeError(f"{str(path)!r}: tensor {name!r} has shape {tuple(value.shape)}, its config needs {shape}; "
+                              "restore the file or write it again")
+        if dtype.is_floating_point and not value.is_floating_point():
+            raise ResodeError(f"{str(path)!r}: tensor {name!r} holds {value.dtype} values, its config needs {dtype}; "
+                              "restore the file or write it again")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ResodeError(f"{str(path)!r}: tensor {name!r} holds NaN or infinite values; retrain or restore the file")

@@ -6,6 +6,13 @@ run depends on is a function of the seed and the epoch (the data order) or is sa
 epoch (weights, optimizer state, step count), so ``resume`` ends with the same weights as an
 uninterrupted run. Under ``torchrun`` each process takes an equal share of every global batch and
 DistributedDataParallel averages the gradients (gloo on CPU, NCCL on GPU).
+
+Numerical faults: a non-finite loss or gradient stops training (:class:`TrainingDiverged`) before
+the epoch's checkpoint is written, so the file on disk stays the last good epoch; with
+``skip_nonfinite`` such a batch is skipped instead (no optimizer step) and counted, and training
+still stops when more than a tenth of an epoch's batches are skipped. Weights are checked to be
+finite before every checkpoint write. An adjoint reconstruction error above
+``RECONSTRUCTION_WARNING`` (or non-finite) is reported on stderr every epoch it happens.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import math
 import os
 import platform
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,21 +30,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
-
 from .data import Dataset
 from .errors import ResodeError, check_choice
 from .evaluate import accuracy, predict, progress_bar
 from .gradients import reconstruction_error
-from .io import atomic_write, load_checkpoint, read_safetensors, save_checkpoint
+from .io import atomic_write, load_checkpoint, read_safetensors, save_checkpoint, write_safetensors
 from .network import ODENet
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
+MAX_SKIPPED_FRACTION = 0.1  # --skip-nonfinite: an epoch may skip this fraction of its batches (at least one)
+RECONSTRUCTION_WARNING = 0.1  # an adjoint reconstruction error ‖x̃_0 − x_0‖ / ‖x_0‖ above this is reported
 
 
 class TrainingDiverged(ResodeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, a gradient or the weights became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -49,6 +57,7 @@ class TrainOptions:
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
+    skip_nonfinite: bool = False  # skip a batch whose loss or gradient is non-finite instead of stopping
 
     def __post_init__(self):
         check_choice("optimizer", self.optimizer, dict.fromkeys(OPTIMIZERS))
@@ -94,6 +103,11 @@ def state_path(checkpoint: str | os.PathLike) -> Path:
 
 
 def _save_state(path: Path, optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    """The optimizer state, ``meta`` (epoch, history, …) and the model's weights (``meta["weights"]``).
+
+    With the weights in it, this one file is all a resume needs: a run killed between the
+    checkpoint's write and this one's resumes from the previous epoch and repeats the last.
+    """
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
@@ -102,8 +116,11 @@ def _save_state(path: Path, optimizer: torch.optim.Optimizer, meta: dict) -> Non
                 tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{key}"] = value
+    for name, value in (meta.get("weights") or {}).items():
+        tensors[f"model.{name}"] = value.detach().cpu().contiguous()
+    meta = {k: v for k, v in meta.items() if k != "weights"}
     header = {**meta, "param_groups": sd["param_groups"], "scalars": scalars}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"resode-train-state": json.dumps(header)}))
+    write_safetensors(path, tensors, {"resode-train-state": json.dumps(header)})
 
 
 def _load_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
@@ -112,14 +129,24 @@ def _load_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
     tensors, metadata = read_safetensors(path)
     try:
         header = json.loads(metadata["resode-train-state"])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ResodeError(f"cannot resume: {str(path)!r} holds no readable training state ({exc!r})") from None
-    state: dict[int, dict] = {}
-    for key, value in [*tensors.items(), *header["scalars"].items()]:
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": header["param_groups"]})
-    return header
+        weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        state: dict[int, dict] = {}
+        for key, value in [*tensors.items(), *header["scalars"].items()]:
+            if key.startswith("model."):
+                continue
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+        if not (isinstance(header["epoch"], int) and isinstance(header["history"], list)
+                and isinstance(header["seconds"], (int, float)) and isinstance(header.get("options", {}), dict)):
+            raise TypeError("epoch, history, seconds or options of the wrong type")
+    except Exception as exc:  # noqa: BLE001 - any inconsistency of the file is bad input
+        text = " ".join(repr(exc).split())[:200]
+        raise ResodeError(f"cannot resume: {str(path)!r} holds no usable training state ({text}); "
+                          "start the run again without --resume") from None
+    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+        raise ResodeError(f"cannot resume: {str(path)!r} holds non-finite weights; start the run again")
+    return {**header, "weights": weights}
 
 
 def is_writer() -> bool:
@@ -141,15 +168,20 @@ def _distributed(device: torch.device) -> tuple[torch.device, int, int]:
 
 
 def _check_resumable(options: TrainOptions, state: dict, checkpoint_epochs: int) -> None:
-    """A resumed run must use the options it started with, and its two files must agree."""
+    """A resumed run must use the options it started with, and its two files must agree.
+
+    The checkpoint is written before the state, so it may be one epoch ahead (killed between the
+    two writes); a state that holds the weights resumes from its own epoch then.
+    """
     saved = state.get("options", {})
     changed = [f"--{k.replace('_', '-')} {saved[k]} (given {v})" for k, v in asdict(options).items()
                if k != "device" and k in saved and saved[k] != v]
     if changed:
         raise ResodeError("resume with the run's own options: " + ", ".join(changed))
-    if checkpoint_epochs != state["epoch"]:
-        raise ResodeError(f"the checkpoint has {checkpoint_epochs} epochs but its optimizer state {state['epoch']}; "
-                          "the run was interrupted between the two writes: start it again")
+    agree = (state["epoch"], state["epoch"] + 1) if state.get("weights") else (state["epoch"],)
+    if checkpoint_epochs not in agree:
+        raise ResodeError(f"the checkpoint has {checkpoint_epochs} epochs but its training state {state['epoch']}; "
+                          "they come from different runs: start the run again")
     if state["epoch"] >= options.epochs:
         raise ResodeError(f"the run already finished its {options.epochs} epochs; nothing to resume")
 
@@ -161,6 +193,36 @@ def _restore_monitors(model: ODENet, saved: list[dict]) -> None:
             monitor.every, monitor.tolerance = entry["every"], entry["tolerance"]
             monitor.calls, monitor.switched_at = entry.get("calls", 0), entry["switched_at_step"]
             monitor.history = [tuple(c) for c in entry["checks"]]
+
+
+def _resume_record(path, saved: dict) -> tuple[int, list[dict]]:
+    """(epochs done, reconstruction monitors) from a checkpoint's training record."""
+    try:
+        training = saved["training"]
+        epochs, monitors = len(training["history"]), training.get("reconstruction_monitor", [])
+        if not isinstance(training["history"], list) or not isinstance(monitors, list):
+            raise TypeError("history and reconstruction_monitor must be lists")
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ResodeError(f"cannot resume: {str(path)!r} holds no training record ({exc!r}); it was not written by "
+                          "resode train: start a new run, or fine-tune it by naming it as MODEL") from None
+    return epochs, monitors
+
+
+def _gradients_finite(params: list[torch.nn.Parameter]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def _weights_finite(model: ODENet) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
+def _warn_reconstruction(epoch: int, errors: list[float] | None) -> None:
+    for block, error in enumerate(errors or []):
+        if not error <= RECONSTRUCTION_WARNING:  # NaN too
+            print(f"warning: epoch {epoch}: the adjoint's reconstruction error in block {block} is {error:.3g} "
+                  f"(above {RECONSTRUCTION_WARNING}), so its gradients are inaccurate; use --grad symplectic "
+                  "(exact) or --grad auto, a greater --depth, or a lower --lr", file=sys.stderr)
 
 
 @torch.no_grad()
@@ -190,13 +252,14 @@ def train(
     Returns:
         the model (CPU, eval mode) and the record stored in the checkpoint header.
     Raises:
-        TrainingDiverged: a non-finite loss (the last good checkpoint stays in place).
+        TrainingDiverged: a non-finite loss, gradient or weight, or with ``options.skip_nonfinite`` too many
+            skipped batches (the last good checkpoint stays in place).
     """
     if resume and out is None:
         raise ResodeError("--resume needs the checkpoint of the run to continue (--out)")
     if resume:
         model, saved = load_checkpoint(out)
-        _restore_monitors(model, saved["training"].get("reconstruction_monitor", []))
+        checkpoint_epochs, monitors = _resume_record(out, saved)
     if tuple(data.in_shape) != tuple(model.config.in_shape):
         raise ResodeError(f"data has samples of shape {data.in_shape}, the model expects {model.config.in_shape}")
     classes = int(max(data.y_train.max(), data.y_test.max())) + 1
@@ -215,7 +278,15 @@ def train(
     if resume:
         header = _load_state(state_path(out), opt)
         history, start_epoch, elapsed = header["history"], header["epoch"], header["seconds"]
-        _check_resumable(options, header, len(saved["training"]["history"]))
+        _check_resumable(options, header, checkpoint_epochs)
+        try:
+            if header["weights"]:  # the state's own epoch (the checkpoint may be one ahead)
+                model.load_state_dict(header["weights"])
+                monitors = header.get("reconstruction_monitor", [])
+            _restore_monitors(model, monitors)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+            raise ResodeError(f"cannot resume: the training state of {str(out)!r} does not fit its model "
+                              f"({' '.join(repr(exc).split())[:200]}); start the run again") from None
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -226,15 +297,16 @@ def train(
     writer = rank == 0
     log = Path(log) if log is not None else None
     if resume and log is not None and log.is_file() and writer:  # drop lines of an epoch that did not finish
-        kept = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= start_epoch]
+        kept = [line for line in log.read_text().splitlines() if _log_epoch(line) <= start_epoch]
         atomic_write(log, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+    allowed_skips = max(1, int(MAX_SKIPPED_FRACTION * steps_per_epoch))
     start = time.perf_counter() - elapsed
     with progress_bar(disable=not (show_progress and writer)) as bar:
         task = bar.add_task("training", total=total, completed=start_epoch * steps_per_epoch)
         for epoch in range(start_epoch, options.epochs):
             net.train()
             order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(options.seed * 100_003 + epoch))
-            loss_sum, correct, count = 0.0, 0, 0
+            loss_sum, correct, count, skipped = 0.0, 0, 0, 0
             for b, i in enumerate(range(0, len(x_train), options.batch_size)):
                 step = epoch * steps_per_epoch + b
                 idx = order[i : i + options.batch_size]
@@ -245,14 +317,27 @@ def train(
                 finite = torch.isfinite(loss.detach()).double()
                 if world > 1:  # every process stops together, or the others wait in all-reduce forever
                     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if not finite:
-                    kept = f"the last good checkpoint is {str(out)!r} (epoch {epoch})" if out and epoch else "nothing was written"
-                    raise TrainingDiverged(f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}; "
-                                           f"{kept}; lower --lr")
+                what = None if finite else "loss"
+                opt.zero_grad(set_to_none=True)
+                if what is None:
+                    loss.backward()  # DDP averages the gradients: every process sees the same ones
+                    what = None if _gradients_finite(params) else "gradient"
+                if what is not None:
+                    opt.zero_grad(set_to_none=True)
+                    skipped += 1
+                    if not options.skip_nonfinite or skipped > allowed_skips or skipped == steps_per_epoch:
+                        kept = (f"the last good checkpoint is {str(out)!r} (epoch {epoch})" if out and epoch
+                                else "nothing was written")
+                        if options.skip_nonfinite:
+                            raise TrainingDiverged(
+                                f"{skipped} of epoch {epoch + 1}'s {steps_per_epoch} batches had a non-finite loss or "
+                                f"gradient (at most {allowed_skips} may be skipped); {kept}; lower --lr")
+                        raise TrainingDiverged(f"the {what} became non-finite at epoch {epoch + 1}, step {step + 1}; "
+                                               f"{kept}; lower --lr, or pass --skip-nonfinite to skip such batches")
+                    bar.update(task, advance=1)
+                    continue
                 for group in opt.param_groups:
                     group["lr"] = options.lr_at(step, total)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
                 opt.step()
                 stats = torch.stack([loss_sum_local.detach(), (logits.argmax(1) == y_train[mine]).sum().double(),
                                      torch.tensor(float(len(mine)), device=dev, dtype=torch.float64)])
@@ -260,28 +345,43 @@ def train(
                     dist.all_reduce(stats)
                 loss_sum, correct, count = loss_sum + float(stats[0]), correct + float(stats[1]), count + float(stats[2])
                 bar.update(task, advance=1, description=f"epoch {epoch + 1}/{options.epochs} loss {loss_sum / count:.4f}")
+            if not _weights_finite(model):  # finite gradients can still step to infinite weights
+                kept = f"the last good checkpoint is {str(out)!r} (epoch {epoch})" if out and epoch else "nothing was written"
+                raise TrainingDiverged(f"the weights became non-finite during epoch {epoch + 1}; {kept}; lower --lr")
             test_acc = accuracy(predict(model, x_test), y_test)
             row = {"epoch": epoch + 1, "loss": loss_sum / count, "train_accuracy": correct / count,
                    "test_accuracy": test_acc, "seconds": round(time.perf_counter() - start, 2),
                    "peak_memory_bytes": _peak_memory(dev), "lr": options.lr_at(min(total - 1, step), total),
+                   "skipped_batches": skipped,
                    "reconstruction_error": reconstruction_errors(model, x_test[:256]),
                    "monitor_switched": [b.monitor.switched_at for b in model.blocks if b.monitor is not None] or None}
             history.append(row)
             if writer:
+                _warn_reconstruction(epoch + 1, row["reconstruction_error"])
                 record = _record(model, data, options, history, dev, world)
                 if out is not None:
                     save_checkpoint(out, model, record)
                 if log is not None:
                     with log.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
-                if out is not None:  # last: the optimizer state marks the epoch as done
-                    _save_state(state_path(out), opt, {"epoch": epoch + 1, "history": history,
-                                                       "seconds": row["seconds"], "options": asdict(options)})
+                if out is not None:  # last: the training state marks the epoch as done
+                    _save_state(state_path(out), opt, {
+                        "epoch": epoch + 1, "history": history, "seconds": row["seconds"], "options": asdict(options),
+                        "reconstruction_monitor": record["training"].get("reconstruction_monitor", []),
+                        "weights": model.state_dict()})
                 if show_progress:
                     bar.console.print(f"epoch {epoch + 1}/{options.epochs}: loss {row['loss']:.4f}, "
                                       f"train {100 * row['train_accuracy']:.2f} %, test {100 * test_acc:.2f} %, "
                                       f"{row['seconds']:.0f} s")
     return model.cpu().eval(), _record(model, data, options, history, dev, world)
+
+
+def _log_epoch(line: str) -> float:
+    """The epoch of a log line; a line that is not a finished epoch's record (cut off) sorts last."""
+    try:
+        return float(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _record(model: ODENet, data: Dataset, options: TrainOptions, history: list[dict], dev, world: int) -> dict:
@@ -291,7 +391,8 @@ def _record(model: ODENet, data: Dataset, options: TrainOptions, history: list[d
         "metrics": {"test_accuracy": last["test_accuracy"], "train_accuracy": last["train_accuracy"],
                     "train_loss": last["loss"]},
         "training": {"method": model.config.grad, **asdict(options), "seconds": last["seconds"],
-                     "device": _device_name(dev), "processes": world, "torch": torch.__version__, "history": history},
+                     "device": _device_name(dev), "processes": world, "torch": torch.__version__,
+                     "skipped_batches": sum(row.get("skipped_batches", 0) for row in history), "history": history},
     }
     monitors = [{"block": i, "every": b.monitor.every, "tolerance": b.monitor.tolerance, "calls": b.monitor.calls,
                  "switched_at_step": b.monitor.switched_at, "checks": b.monitor.history}
