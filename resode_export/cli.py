@@ -22,7 +22,8 @@ from . import __version__
 from .curves import INTERPOLATIONS
 from .data import DATASETS
 from .errors import ResodeError, check_choice
-from .fields import ACTIVATIONS
+from .fields import ACTIVATIONS, BN_FORMS
+from .importers.torchvision import SOURCES
 from .gradients import GRADIENTS, compatible
 from .io import check_output_path
 from .network import ARCHS, INITS, MAX_DEPTH, check_depth
@@ -31,7 +32,9 @@ from .train import OPTIMIZERS, SCHEDULES
 
 SchemeName = Enum("SchemeName", {k: k for k in SCHEMES}, type=str)
 InterpName = Enum("InterpName", {k: k for k in INTERPOLATIONS}, type=str)
-ArchName = Enum("ArchName", {k: k for k in ARCHS}, type=str)
+ArchName = Enum("ArchName", {k: k for k in ARCHS if k != "resnet"}, type=str)  # resnet: imported, not trained new
+SourceName = Enum("SourceName", {k: k for k in SOURCES}, type=str)
+BnName = Enum("BnName", {k: k for k in BN_FORMS}, type=str)
 ActivationName = Enum("ActivationName", {k: k for k in ACTIVATIONS}, type=str)
 GradName = Enum("GradName", {k: k for k in GRADIENTS}, type=str)
 TrainInitName = Enum("TrainInitName", {k: k for k in (*INITS, "tied")}, type=str)
@@ -48,9 +51,16 @@ app = typer.Typer(
 
 ModelArg = Annotated[
     Optional[str],
-    typer.Argument(help="A resode .safetensors checkpoint or a shipped model's name "
-                        "(digits-mlp, fashion-conv). Default: digits-mlp.", show_default=False),
+    typer.Argument(help="A resode .safetensors checkpoint, a shipped model's name (digits-mlp, fashion-conv), "
+                        "or a torchvision-style ResNet state dict (.pth/.pt, imported). Default: digits-mlp.",
+                   show_default=False),
 ]
+FromOpt = Annotated[SourceName, typer.Option(
+    "--from", help="Imports: the architecture the state dict must be (auto: recognize it from the keys).")]
+InputSizeOpt = Annotated[Optional[str], typer.Option(
+    help="Imports: input height[,width] in pixels the model is meant for.  [default: 224]", show_default=False)]
+BnOpt = Annotated[BnName, typer.Option(
+    "--bn", help="Imports: BatchNorm folded into the convs, or kept frozen as scale and shift (trainable).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 
 
@@ -98,22 +108,34 @@ def convert(
         min=1, help="B-splines of --interp smooth (fewer than the knots). Default: √(knots), rounded up.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the converted checkpoint here.")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Measure on the first N test samples only.")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        help="Measure on this data set's test split.  [default: the model's own; random inputs for imports]",
+        show_default=False)] = None,
+    source_arch: FromOpt = SourceName.auto,
+    input_size: InputSizeOpt = None,
+    bn: BnOpt = BnName.fold,
     as_json: JsonOpt = False,
 ):
-    """Re-discretize a model at another depth, scheme or interpolation, and measure what changes."""
-    from .convert import compare, dataset_for, load_model, parse_depths
+    """Import a ResNet or re-discretize a model at another depth, scheme or interpolation; measure what changes."""
+    from .convert import compare, dataset_for, fit_input, load_model, parse_depths, parse_input_size
+    from .data import load_data
     from .evaluate import progress_bar
     from .io import check_output_path, save_checkpoint
 
     start = time.perf_counter()
     if out is not None:
         check_output_path(out)
-    source, header, path = load_model(model)
+    source, header, path = load_model(model, source_arch.value, parse_input_size(input_size), bn.value)
     depths = parse_depths(depth, depth_scale, source.config.depths)
     new_scheme = scheme.value if scheme else source.config.scheme
+    imported = header.get("imported")
+    if data:
+        data = load_data(data)
+        fit_input(source, data)
+    else:
+        data = None if imported else dataset_for(header)
     grad = source.config.grad if compatible(source.config.grad, new_scheme) else "backprop"  # training-only setting
     target = source.discretize(depths, new_scheme, interp and interp.value, n_basis, grad=grad)
-    data = dataset_for(header)
     with progress_bar() as bar:
         report = compare(source, target, data, limit, progress=bar)
     src_cfg, cfg = source.config, target.config
@@ -123,22 +145,35 @@ def convert(
         "depth": _fmt_depths(cfg.depths), "scheme": cfg.scheme, "interp": cfg.interp,
         **report, "out": None, "seconds": None,
     }
+    if imported:
+        result["imported"] = imported
     if out is not None:
         info = {k: v for k, v in header.items() if k not in ("format_version", "config")}
+        if data is not None and "data" not in info:
+            info["data"] = data.describe()
         info["converted_from"] = {"path": str(path), "depths": list(src_cfg.depths), "scheme": src_cfg.scheme,
                                   "interp": src_cfg.interp}
-        if limit is None:
+        if limit is None and report["accuracy"] is not None:
             info["metrics"] = {"test_accuracy": report["accuracy"]}
         else:  # measured on part of the test split only: claim nothing
             info.pop("metrics", None)
         result["out"] = str(save_checkpoint(out, target, info))
     result["seconds"] = round(time.perf_counter() - start, 3)
-    _emit(result, as_json, f"resode convert: {path.name}", [
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f} %"
+
+    rows = []
+    if imported:
+        rows += [("imported", imported["layout"] + f", BatchNorm {imported['bn']}"),
+                 ("import vs original", f"{imported['max_rel_deviation']:.3e} max rel. deviation "
+                                        f"({imported['probe']})")]
+    _emit(result, as_json, f"resode convert: {path.name}", rows + [
         ("source", f"depth {result['source_depth']}, {src_cfg.scheme}, {src_cfg.interp}"),
         ("converted", f"depth {result['depth']}, {cfg.scheme}, {cfg.interp}"),
-        ("test samples", str(report["test_samples"])),
-        ("source accuracy", f"{100 * report['source_accuracy']:.2f} %"),
-        ("converted accuracy", f"{100 * report['accuracy']:.2f} %"),
+        ("test samples", str(report["test_samples"]) if report["test_samples"] else
+         f"none: {report['probe_samples']} random normal inputs"),
+        ("source accuracy", pct(report["source_accuracy"])),
+        ("converted accuracy", pct(report["accuracy"])),
         ("max rel. deviation", f"{report['max_rel_deviation']:.3e}"),
         ("mean rel. deviation", f"{report['mean_rel_deviation']:.3e}"),
         ("written to", result["out"] or "-"),
@@ -187,10 +222,14 @@ def train(
     log: Annotated[Optional[Path], typer.Option(
         help="JSON lines of per-epoch metrics.  [default: beside --out, .log.jsonl]", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run whose checkpoint is --out.")] = False,
+    skip_nonfinite: Annotated[bool, typer.Option(
+        "--skip-nonfinite", help="Skip a batch whose loss or gradient is NaN or infinite (no optimizer step; counted "
+                                 "in the log) instead of stopping; training still stops when more than a tenth of an "
+                                 "epoch's batches are skipped.")] = False,
     as_json: JsonOpt = False,
 ):
     """Train an ODENet (from a smooth-in-depth start) or fine-tune a checkpoint."""
-    from .convert import dataset_for, load_model, parse_depths
+    from .convert import dataset_for, fit_input, load_model, parse_depths
     from .data import load_data
     from .io import check_output_path, load_checkpoint, save_checkpoint
     from .network import ODENet, ODENetConfig
@@ -205,19 +244,21 @@ def train(
         raise ResodeError(f"--adjoint conflicts with --grad {grad.value}; give one of them")
     method = "adjoint" if adjoint else (grad.value if grad else None)
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer.value,
-                           schedule=schedule.value, weight_decay=weight_decay, seed=seed, device=device.value)
+                           schedule=schedule.value, weight_decay=weight_decay, seed=seed, device=device.value,
+                           skip_nonfinite=skip_nonfinite)
     if resume:  # the run's own model and data; its checkpoint carries them
         if not out.is_file():
             raise ResodeError(f"nothing to resume: no such file: {str(out)!r}")
         net, header = load_checkpoint(out)
         dataset = load_data(data, data_dir) if data else dataset_for(header)
-    elif model is not None:  # fine-tuning
-        net, header, _ = load_model(model)
+    elif model is not None:  # fine-tuning; an imported ResNet keeps BatchNorm as a trainable frozen affine
+        net, header, _ = load_model(model, bn="frozen")
+        dataset = load_data(data, data_dir) if data else dataset_for(header)
+        net = fit_input(net, dataset)
         depths = parse_depths(depth, None, net.config.depths)
         if untie:
             net = untie_model(net.discretize(depths))
         net = net.discretize(depths, scheme and scheme.value, grad=method or net.config.grad)
-        dataset = load_data(data, data_dir) if data else dataset_for(header)
     else:
         try:
             widths = tuple(int(w) for w in width.split(","))
@@ -284,17 +325,20 @@ def export(
     dynamic_depth: Annotated[bool, typer.Option(
         "--dynamic-depth", help="ONNX only: one graph with the depth as an int64 input 'depth'.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Output file. Default: <model>-<depth>-<scheme>.<ext> here.")] = None,
+    source_arch: FromOpt = SourceName.auto,
+    input_size: InputSizeOpt = None,
+    bn: BnOpt = BnName.fold,
     as_json: JsonOpt = False,
 ):
     """Export a model to ONNX, TorchScript or torch.export, verified against PyTorch before it is written."""
-    from .convert import dataset_for, load_model, parse_depths
+    from .convert import dataset_for, load_model, parse_depths, parse_input_size
     from .export import FORMATS, export_model
 
     if out is not None:
         check_output_path(out)
     if dynamic_depth and (depth is not None or depth_scale is not None):
         raise ResodeError("--dynamic-depth takes the depth at run time (input 'depth'); drop --depth/--depth-scale")
-    source, header, path = load_model(model)
+    source, header, path = load_model(model, source_arch.value, parse_input_size(input_size), bn.value)
     depths = parse_depths(depth, depth_scale, source.config.depths)
     target = source.discretize(depths, scheme and scheme.value, interp and interp.value, grad="backprop")
     try:
@@ -336,7 +380,7 @@ def check(
     """Accuracy, deviation from PyTorch and onnxruntime latency against depth × scheme; recommends the cheapest."""
     from .check import check_model, check_onnx
     from .check import plot as draw
-    from .convert import dataset_for, load_model
+    from .convert import dataset_for, fit_input, load_model
     from .data import load_data
     from .evaluate import progress_bar
     from .export import require_onnx
@@ -365,6 +409,7 @@ def check(
     else:
         source, header, path = load_model(model)
         dataset = load_data(data) if data else dataset_for(header)
+        source = fit_input(source, dataset)
         with progress_bar() as bar:
             result = check_model(source, dataset, depth_list, scheme_list, tolerance, repeats, limit, progress=bar)
     result["model"] = str(path)
@@ -400,22 +445,34 @@ def inspect(
     limit: Annotated[int, typer.Option(min=1, help="Test samples to measure on.")] = 256,
     tolerance: Annotated[float, typer.Option(
         help="Relative logit deviation from the limit ODE that a re-discretization may have.")] = 0.05,
+    input_size: InputSizeOpt = None,
     as_json: JsonOpt = False,
 ):
     """Is this ResNet ODE-like? Smoothness in depth, distance to its limit ODE, convergence, safe depths."""
-    from .convert import dataset_for, load_model
+    from .convert import dataset_for, fit_input, load_model, parse_input_size, probe_inputs
     from .data import load_data
     from .diagnose import inspect_model
 
     start = time.perf_counter()
     if not tolerance > 0 or tolerance != tolerance:
         raise ResodeError(f"--tolerance must be a positive number, got {tolerance}")
-    net, header, path = load_model(model)
-    dataset = load_data(data) if data else dataset_for(header)
-    x = dataset.x_test[:limit]
+    net, header, path = load_model(model, input_size=parse_input_size(input_size))
+    if data or not header.get("imported"):
+        dataset = load_data(data) if data else dataset_for(header)
+        net = fit_input(net, dataset)
+        x = dataset.x_test[:limit]
+    else:  # an import carries no data set: how ODE-like it is does not need labels
+        x = probe_inputs(net, min(limit, 16))
+        print(f"note: measuring on {len(x)} random normal inputs of shape {tuple(net.config.in_shape)} "
+              "(give --data for real ones)", file=sys.stderr)
     if tuple(x.shape[1:]) != tuple(net.config.in_shape):
         raise ResodeError(f"test data has samples of shape {tuple(x.shape[1:])}, the model expects {net.config.in_shape}")
     result = {"model": str(path), **inspect_model(net, x, tolerance)}
+    if header.get("imported"):
+        result["note"] = (
+            f"imported ({header['imported']['layout']}): ResNets trained as ResNets are usually rough in depth "
+            "(Sander et al. 2022), their blocks unrelated steps of no single ODE, so expect 'not ODE-like'; to make "
+            "one re-discretizable, convert it with --interp smooth and fine-tune it (resode train MODEL)")
     result["seconds"] = round(time.perf_counter() - start, 3)
     if as_json:
         print(json.dumps(result))
@@ -434,6 +491,8 @@ def inspect(
     print(f"observed convergence order under re-discretization: {orders}")
     print(f"smallest depth within {tolerance:g} of the limit ODE ({result['reference']}): {depths}")
     print(result["verdict"])
+    if result.get("note"):
+        print(f"note: {result['note']}")
 
 
 def main(argv: list[str] | None = None) -> None:

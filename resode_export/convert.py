@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from .data import Dataset, load_data
 from .errors import ResodeError
 from .evaluate import accuracy, predict, relative_deviation
-from .io import load_checkpoint
+from .io import METADATA_KEY, load_checkpoint
 from .network import MAX_DEPTH, ODENet, check_depth
 
 MODELS_DIRS = (Path(__file__).parent / "models", Path(__file__).parent.parent / "models")
@@ -33,10 +36,91 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     return Path(name)  # load_checkpoint reports it missing
 
 
-def load_model(model: str | os.PathLike | None) -> tuple[ODENet, dict, Path]:
+FOREIGN_SUFFIXES = (".pt", ".pth", ".bin")
+IMPORT_PROBES = 4  # random inputs on which an import is compared with the original network
+
+
+def is_foreign(path: Path) -> bool:
+    """A state dict for an importer: ``.pt``/``.pth``, or a safetensors file without resode metadata."""
+    if path.suffix in FOREIGN_SUFFIXES:
+        return True
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return METADATA_KEY not in (fh.metadata() or {})
+    except Exception:  # noqa: BLE001 - corrupt: load_checkpoint reports it
+        return False
+
+
+def parse_input_size(text: str | None) -> tuple[int, int] | None:
+    """``--input-size``: "224" or "224,192" (height, width)."""
+    if text is None:
+        return None
+    try:
+        sizes = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) == 1:
+        sizes *= 2
+    if len(sizes) != 2 or min(sizes) < 1 or max(sizes) > 16384:
+        raise ResodeError(f"--input-size takes a size or height,width in pixels (1..16384), got {text!r}")
+    return sizes[0], sizes[1]
+
+
+def import_model(path: Path, source: str = "auto", input_size: tuple[int, int] | None = None,
+                 bn: str = "fold") -> tuple[ODENet, dict]:
+    """A torchvision-style ResNet file as an ODENet, and a header describing the import.
+
+    The header's ``imported.max_rel_deviation`` is the import's logits against the original network's
+    (BatchNorm with running statistics, written from the state dict) on random inputs.
+    """
+    from .importers.torchvision import BN_EPS, check_preset, detect_layout, import_resnet, read_state_dict, reference_forward
+
+    sd = read_state_dict(path)
+    layout = detect_layout(sd)
+    check_preset(layout, source)
+    size = input_size or (224, 224)
+    net = import_resnet(sd, layout, size, bn=bn)
+    x = torch.randn(IMPORT_PROBES, layout.in_channels, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dev = relative_deviation(net(x), reference_forward(sd, layout, x))
+    header = {"imported": {"format": "torchvision", "path": str(path), "layout": layout.describe(),
+                           "blocks": list(layout.blocks), "bn": bn, "bn_eps": BN_EPS,
+                           "max_rel_deviation": float(dev.max()), "probe": f"{IMPORT_PROBES} random normal inputs"}}
+    return net, header
+
+
+def load_model(model: str | os.PathLike | None, source: str = "auto", input_size: tuple[int, int] | None = None,
+               bn: str = "fold") -> tuple[ODENet, dict, Path]:
+    """A resode checkpoint, a shipped model's name, or a torchvision-style ResNet file (imported).
+
+    ``source``, ``input_size`` and ``bn`` apply to imports only (``--from``, ``--input-size``, ``--bn``).
+    """
     path = resolve_model(model)
+    if is_foreign(path):
+        net, header = import_model(path, source, input_size, bn)
+        return net, header, path
+    if source != "auto" or input_size is not None:
+        raise ResodeError(f"--from and --input-size apply to torchvision-style state dicts (.pth/.pt); {str(path)!r} "
+                          "is a resode checkpoint")
     net, header = load_checkpoint(path)
     return net, header, path
+
+
+def fit_input(net: ODENet, data: Dataset) -> ODENet:
+    """An imported ResNet takes images of any size: adopt the data's, if the channels agree."""
+    shape, want = tuple(data.x_test.shape[1:]), tuple(net.config.in_shape)
+    if net.config.arch == "resnet" and len(shape) == 3 and shape[0] == want[0] and shape != want:
+        net.config = replace(net.config, in_shape=shape)
+    return net
+
+
+def probe_inputs(net: ODENet, count: int = 64, seed: int = 0) -> torch.Tensor:
+    """Random normal inputs of the model's shape: for models without a data set (imports)."""
+    return torch.randn(count, *net.config.in_shape, generator=torch.Generator().manual_seed(seed))
 
 
 def parse_depths(depth: str | int | None, depth_scale: float | None, native: tuple[int, ...]) -> tuple[int, ...]:
@@ -69,12 +153,21 @@ def dataset_for(header: dict) -> Dataset:
     """The data set a checkpoint was trained on, from its header."""
     name = header.get("data", {}).get("name")
     if not name:
-        raise ResodeError("the checkpoint names no data set, so it has no test split to measure on")
+        raise ResodeError("the model names no data set, so it has no test split to measure on; give --data")
     return load_data(name)
 
 
-def compare(source: ODENet, target: ODENet, data: Dataset, limit: int | None = None, progress=None) -> dict:
-    """Test accuracy of both models and the relative deviation of target's logits from source's."""
+def compare(source: ODENet, target: ODENet, data: Dataset | None, limit: int | None = None, progress=None) -> dict:
+    """Test accuracy of both models and the relative deviation of target's logits from source's.
+
+    With no data (an imported model), the deviation on random normal inputs and no accuracy.
+    """
+    if data is None:
+        x = probe_inputs(source, limit or 16)
+        ref, out = predict(source, x, progress=progress), predict(target, x, progress=progress)
+        dev = relative_deviation(out, ref)
+        return {"source_accuracy": None, "accuracy": None, "max_rel_deviation": float(dev.max()),
+                "mean_rel_deviation": float(dev.mean()), "test_samples": 0, "probe_samples": len(x)}
     x, y = data.x_test, data.y_test
     if limit is not None:
         x, y = x[:limit], y[:limit]

@@ -45,6 +45,19 @@ class Field:
     def config(self) -> dict:
         return {"kind": self.name, **self.__dict__}
 
+    # A projected field makes every step of a solve end with a projection P onto its state set:
+    # x_{n+1} = P(x_n + h Σ b_i k_i). torchvision blocks compute relu(x + F(x)), the Euler step projected
+    # by P = relu. The identity for every other field.
+    projection: ClassVar[str | None] = None
+
+    def project(self, x: Tensor) -> Tensor:
+        """P(x): the end of every step."""
+        return x
+
+    def project_vjp(self, projected: Tensor, cotangent: Tensor) -> Tensor:
+        """The cotangent of P's input, from P's *output* and the cotangent of that output."""
+        return cotangent
+
 
 def _uniform(shape, bound: float, generator) -> Tensor:
     return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
@@ -138,7 +151,94 @@ class LinearField(Field):
         return F.linear(x, theta["A"])
 
 
-FIELDS: dict[str, type[Field]] = {f.name: f for f in (MLPField, ConvField, LinearField)}
+BLOCK_KINDS = ("basic", "bottleneck")
+BN_FORMS = ("fold", "frozen")
+
+
+@dataclass(frozen=True)
+class ResBlockField(Field):
+    """A torchvision ResNet block's residual branch F, on x (B, C, H, W) → (B, C, H, W), with the
+    step projected by ReLU: x_{n+1} = relu(x_n + h g(x_n, θ_n)) is the block relu(x + F(x)) when
+    h g = F.
+
+    ``basic`` (resnet18/34): conv3x3 → BN → relu → conv3x3 → BN, inner width ``inner``.
+    ``bottleneck`` (resnet50/101/152, wide, ResNeXt): conv1x1 → BN → relu → conv3x3 (``cardinality``
+    groups) → BN → relu → conv1x1 → BN, inner width ``inner``.
+
+    BatchNorm with inference statistics is an affine map per channel. ``bn="fold"`` folds it into
+    the convolution (weights w_i and biases b_i: what a deployed graph runs); ``bn="frozen"`` keeps it
+    as a per-channel scale s_i and shift t_i after a bias-free convolution (torchvision's
+    FrozenBatchNorm2d): the same function, but fine-tuning moves the convolution and the BN affine at
+    their own scales, as they were trained.
+    """
+
+    name: ClassVar[str] = "resblock"
+    projection: ClassVar[str | None] = "relu"
+    channels: int
+    inner: int
+    kind: str = "basic"
+    cardinality: int = 1
+    bn: str = "fold"
+
+    def __post_init__(self):
+        check_choice("block", self.kind, dict.fromkeys(BLOCK_KINDS))
+        check_choice("BatchNorm form", self.bn, dict.fromkeys(BN_FORMS))
+        if self.inner % self.cardinality:
+            raise ValueError(f"inner width {self.inner} must be a multiple of the cardinality {self.cardinality}")
+
+    def convs(self) -> list[tuple[tuple[int, ...], int, int]]:
+        """(weight shape, padding, groups) of each convolution."""
+        c, m = self.channels, self.inner
+        if self.kind == "basic":
+            return [((m, c, 3, 3), 1, 1), ((c, m, 3, 3), 1, 1)]
+        return [((m, c, 1, 1), 0, 1), ((m, m // self.cardinality, 3, 3), 1, self.cardinality), ((c, m, 1, 1), 0, 1)]
+
+    def param_shapes(self):
+        shapes = {}
+        for i, (shape, _, _) in enumerate(self.convs(), start=1):
+            shapes[f"w{i}"] = shape
+            if self.bn == "fold":
+                shapes[f"b{i}"] = (shape[0],)
+            else:
+                shapes[f"s{i}"], shapes[f"t{i}"] = (shape[0],), (shape[0],)
+        return shapes
+
+    def init(self, generator=None):
+        theta = {}
+        convs = self.convs()
+        for i, (shape, _, groups) in enumerate(convs, start=1):
+            fan_in = shape[1] * shape[2] * shape[3]
+            last = i == len(convs)
+            theta[f"w{i}"] = (torch.zeros(shape, dtype=torch.float64) if last and self.bn == "fold"
+                              else _uniform(shape, math.sqrt(6 / fan_in), generator))
+            if self.bn == "fold":
+                theta[f"b{i}"] = torch.zeros(shape[0], dtype=torch.float64)
+            else:  # a zero last scale: the branch starts at 0 (torchvision's zero_init_residual)
+                theta[f"s{i}"] = torch.full((shape[0],), 0.0 if last else 1.0, dtype=torch.float64)
+                theta[f"t{i}"] = torch.zeros(shape[0], dtype=torch.float64)
+        return theta
+
+    def __call__(self, x, theta):
+        convs = self.convs()
+        for i, (_, padding, groups) in enumerate(convs, start=1):
+            if self.bn == "fold":
+                x = F.conv2d(x, theta[f"w{i}"], theta[f"b{i}"], padding=padding, groups=groups)
+            else:
+                x = F.conv2d(x, theta[f"w{i}"], None, padding=padding, groups=groups)
+                x = x * theta[f"s{i}"][:, None, None] + theta[f"t{i}"][:, None, None]
+            if i < len(convs):
+                x = F.relu(x)
+        return x
+
+    def project(self, x):
+        return F.relu(x)
+
+    def project_vjp(self, projected, cotangent):
+        # relu'(z) = [z > 0] (torch's choice at 0), and z > 0 exactly where relu(z) > 0
+        return cotangent * (projected > 0).to(cotangent.dtype)
+
+
+FIELDS: dict[str, type[Field]] = {f.name: f for f in (MLPField, ConvField, LinearField, ResBlockField)}
 
 
 def make_field(config: dict) -> Field:

@@ -123,12 +123,14 @@ def _vjp_with_value(field: Field, x: Tensor, theta: Theta, cotangent: Tensor):
 
 
 def _stage_adjoint(field: Field, steps: _Steps, x: Tensor, thetas: list[Theta], g: Tensor,
-                   grads: list[Tensor], n: int) -> Tensor:
+                   grads: list[Tensor], n: int, x_next: Tensor) -> Tensor:
     """Reverse-mode through one explicit RK step from its input x, one stage graph at a time.
 
-    x_{n+1} = x + h Σ b_i k_i, k_i = f(X_i, θ_i), X_i = x + h Σ_{j<i} a_ij k_j. With ḡ = ∂L/∂x_{n+1}:
-    k̄_i = h b_i ḡ + h Σ_{l>i} a_li X̄_l, X̄_i = (∂f/∂x)ᵀ k̄_i, θ̄_i = (∂f/∂θ)ᵀ k̄_i, x̄ = ḡ + Σ_i X̄_i.
+    x_{n+1} = P(x + h Σ b_i k_i), k_i = f(X_i, θ_i), X_i = x + h Σ_{j<i} a_ij k_j. With ḡ the cotangent
+    of P's input (from ∂L/∂x_{n+1} and x_{n+1} itself): k̄_i = h b_i ḡ + h Σ_{l>i} a_li X̄_l,
+    X̄_i = (∂f/∂x)ᵀ k̄_i, θ̄_i = (∂f/∂θ)ᵀ k̄_i, x̄ = ḡ + Σ_i X̄_i.
     """
+    g = field.project_vjp(x_next, g)
     tab, h = steps.tableau, steps.h
     s = tab.stages
     stage_inputs, ks = [], []
@@ -164,9 +166,11 @@ def _reverse_step(field: Field, x_next: Tensor, thetas: list[Theta], tableau: Bu
     Euler: x̃_n = x_{n+1} − h f(x_{n+1}, θ_n). Schemes with symmetric nodes (c reversed = 1 − c:
     heun, rk4, rk38) take a step of −h with the stage weights in reverse time order, e.g. Heun:
     x̃_n = x_{n+1} − (h/2)[f(x_{n+1}, θ_{n+1}) + f(x_{n+1} − h f(x_{n+1}, θ_{n+1}), θ_n)].
+    A projected field's reconstruction is projected too: every state of its solve lies in P's range
+    (the block's input included, for torchvision blocks, whose transitions end with the same ReLU).
     """
     if tableau.stages == 1:
-        return x_next - h * field(x_next, thetas[0])
+        return field.project(x_next - h * field(x_next, thetas[0]))
     return rk_step(field, x_next, thetas[::-1], tableau, -h)
 
 
@@ -189,7 +193,7 @@ class _SolveFunction(torch.autograd.Function):
                     states.append(x)
                 x = rk_step(field, x, steps.thetas(list(knots), n), steps.tableau, steps.h)
         ctx.method, ctx.field, ctx.steps, ctx.monitor = method, field, steps, monitor
-        ctx.save_for_backward(x if method != "symplectic" else None, *states, *knots)
+        ctx.save_for_backward(x, *states, *knots)
         ctx.num_states = len(states)
         return x
 
@@ -202,22 +206,24 @@ class _SolveFunction(torch.autograd.Function):
         x = y
         for n in reversed(range(steps.depth)):
             thetas = [{k: v.detach() for k, v in t.items()} for t in steps.thetas(knots, n)]
+            x_next = x
             if ctx.method == "adjoint_fast":
                 if n == steps.depth - 1:  # x̃_{M−1} as the plain adjoint has it
                     with torch.no_grad():
                         f_later = field(x, thetas[0])
-                        x = x - steps.h * f_later
+                        x = field.project(x - steps.h * f_later)
+                g = field.project_vjp(x_next, g)
                 fx, x_grad, theta_grads = _vjp_with_value(field, x, thetas[0], steps.h * g)
                 steps.accumulate(grads, n, 0, theta_grads)
                 # x̃_{n−1} = x̃_n − h f(x_{n−1}, θ_{n−1}), with f along the path extrapolated from its last two values
-                x, g, f_later = x - steps.h * (2 * fx - f_later), g + x_grad, fx
+                x, g, f_later = field.project(x - steps.h * (2 * fx - f_later)), g + x_grad, fx
                 continue
             if ctx.method == "adjoint":
                 with torch.no_grad():
                     x = _reverse_step(field, x, thetas, steps.tableau, steps.h)
             else:
-                x = states[n]
-            g = _stage_adjoint(field, steps, x, thetas, g, grads, n)
+                x, x_next = states[n], (states[n + 1] if n + 1 < steps.depth else y)
+            g = _stage_adjoint(field, steps, x, thetas, g, grads, n, x_next)
         if ctx.monitor is not None:
             x0 = states[0]
             ctx.monitor.record(float((x - x0).norm() / x0.norm().clamp_min(torch.finfo(x0.dtype).tiny)))

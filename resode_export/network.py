@@ -17,12 +17,13 @@ from torch import Tensor, nn
 
 from .curves import INTERPOLATIONS, Curve
 from .errors import ResodeError, check_choice
-from .fields import ACTIVATIONS, ConvField, Field, LinearField, MLPField
+from .fields import ACTIVATIONS, BLOCK_KINDS, BN_FORMS, ConvField, Field, LinearField, MLPField, ResBlockField
 from .gradients import GRADIENTS, ReconstructionMonitor, check_compatible, integrate
-from .schemes import SCHEMES
+from .resnet import Head, ResidualBlock, Stem, stage_stride
+from .schemes import SCHEMES, check_field_scheme
 
 MAX_DEPTH = 65536
-ARCHS = ("mlp", "conv")
+ARCHS = ("mlp", "conv", "resnet")
 INITS = ("smooth", "iid")
 
 
@@ -51,6 +52,7 @@ class ODEBlock(nn.Module):
         self.scheme = check_choice("scheme", scheme, SCHEMES)
         self.grad = check_choice("gradient method", grad, GRADIENTS)
         check_compatible(self.grad, self.scheme)
+        check_field_scheme(field, self.scheme)
         self.monitor = ReconstructionMonitor() if self.grad == "auto" else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -65,7 +67,8 @@ class ODEBlock(nn.Module):
 class ODENetConfig:
     """Everything needed to rebuild an ODENet; stored in every checkpoint."""
 
-    arch: str = "mlp"  # "mlp": vectors in, two-layer-perceptron fields; "conv": images, conv fields
+    arch: str = "mlp"  # "mlp": vectors in, two-layer-perceptron fields; "conv": images, conv fields;
+    # "resnet": a torchvision-layout ResNet (stem → [transition block → ODE block] → head), see resnet.py
     in_shape: tuple[int, ...] = (64,)  # (features,) or (channels, height, width)
     num_classes: int = 10
     widths: tuple[int, ...] = (32,)  # state width (mlp) or channels (conv) of each stage
@@ -80,9 +83,15 @@ class ODENetConfig:
     interp: str = "linear"
     n_basis: int | None = None  # B-splines of the "smooth" interpolation
     grad: str = "backprop"  # gradient method of the ODE blocks (training only; outputs do not depend on it)
+    # arch "resnet" only:
+    block: str = "basic"  # "basic" (resnet18/34) or "bottleneck" (resnet50/101/152, wide, ResNeXt)
+    inner: tuple[int, ...] | None = None  # inner width of each stage's blocks (default: widths, or widths/4)
+    cardinality: int = 1  # groups of the bottleneck's 3×3 conv (ResNeXt)
+    stem_width: int = 64  # channels of the 7×7 stem conv
+    bn: str = "fold"  # BatchNorm folded into the convs, or kept "frozen" as scale and shift (fine-tuning)
 
     def __post_init__(self):
-        for name in ("in_shape", "widths", "depths", "knots"):
+        for name in ("in_shape", "widths", "depths", "knots", "inner"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, tuple(int(v) for v in value))
@@ -102,7 +111,9 @@ class ODENetConfig:
         for name in ("num_classes", "hidden", "groups", "stem_stride"):
             if getattr(self, name) < 1:
                 raise ResodeError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        allowed = {"mlp": ("mlp", "linear"), "conv": ("conv",)}[self.arch]
+        if self.arch == "resnet":
+            self._check_resnet()
+        allowed = {"mlp": ("mlp", "linear"), "conv": ("conv",), "resnet": ("resnet",)}[self.arch]
         if (self.field or self.arch) not in allowed:
             raise ResodeError(f"arch {self.arch!r} takes fields {', '.join(allowed)}, not {self.field!r}")
         if self.arch == "conv" and any(w % self.groups for w in self.widths):
@@ -112,6 +123,20 @@ class ODENetConfig:
         expected = 1 if self.arch == "mlp" else 3
         if len(self.in_shape) != expected:
             raise ResodeError(f"arch {self.arch!r} needs in_shape of length {expected}, got {self.in_shape}")
+
+    def _check_resnet(self) -> None:
+        check_choice("block", self.block, dict.fromkeys(BLOCK_KINDS))
+        check_choice("BatchNorm form", self.bn, dict.fromkeys(BN_FORMS))
+        if self.inner is None:
+            self.inner = self.widths if self.block == "basic" else tuple(w // 4 for w in self.widths)
+        if len(self.inner) != len(self.widths) or min(self.inner) < 1:
+            raise ResodeError(f"inner widths {list(self.inner)} need one positive entry per stage")
+        if self.cardinality < 1 or self.stem_width < 1:
+            raise ResodeError("cardinality and stem_width must be positive integers")
+        if any(m % self.cardinality for m in self.inner):
+            raise ResodeError(f"inner widths {list(self.inner)} must be multiples of the cardinality {self.cardinality}")
+        if self.cardinality > 1 and self.block != "bottleneck":
+            raise ResodeError("a cardinality above 1 (ResNeXt) needs bottleneck blocks")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,8 +150,10 @@ class ODENetConfig:
         return cls(**data)
 
 
-def _make_field(config: ODENetConfig, width: int) -> Field:
+def _make_field(config: ODENetConfig, width: int, stage: int = 0) -> Field:
     kind = config.field or config.arch
+    if kind == "resnet":
+        return ResBlockField(width, config.inner[stage], config.block, config.cardinality, config.bn)
     if kind == "mlp":
         return MLPField(width, config.hidden, config.activation)
     if kind == "conv":
@@ -165,7 +192,14 @@ class ODENet(nn.Module):
     def _build(self, config: ODENetConfig, init: str, gen: torch.Generator) -> None:
         w = config.widths
         act = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}[config.activation]
-        if config.arch == "mlp":
+        if config.arch == "resnet":
+            self.stem = Stem(config.in_shape[0], config.stem_width, config.bn)
+            self.transitions = nn.ModuleList(
+                ResidualBlock(a, b, m, stage_stride(i), config.block, config.cardinality, config.bn)
+                for i, (a, b, m) in enumerate(zip((config.stem_width, *w[:-1]), w, config.inner))
+            )
+            self.head = Head(w[-1], config.num_classes)
+        elif config.arch == "mlp":
             self.stem = nn.Linear(config.in_shape[0], w[0])
             self.transitions = nn.ModuleList(nn.Linear(a, b) for a, b in zip(w[:-1], w[1:]))
             self.head = nn.Linear(w[-1], config.num_classes)
@@ -181,30 +215,47 @@ class ODENet(nn.Module):
                 nn.Linear(w[-1], config.num_classes),
             )
         blocks = []
-        for width, depth, num_knots in zip(w, config.depths, config.knots):
-            f = _make_field(config, width)
+        for stage, (width, depth, num_knots) in enumerate(zip(w, config.depths, config.knots)):
+            f = _make_field(config, width, stage)
             knots = {k: v.float() for k, v in _init_knots(f, num_knots, init, gen).items()}
             curve = Curve(knots, config.interp, config.n_basis)
             blocks.append(ODEBlock(f, curve, depth, config.scheme, config.grad))
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B, *in_shape) → logits (B, num_classes)."""
+    def order(self) -> list[tuple[str, int]]:
+        """The layers between stem and head in order: ("block", i) and ("transition", i).
+
+        ``mlp``/``conv``: block 0, transition 0, block 1, …; ``resnet``: transition 0 (the stage's first
+        torchvision block), block 0, transition 1, block 1, ….
+        """
+        stages = len(self.config.depths)
+        if self.config.arch == "resnet":
+            return [(kind, i) for i in range(stages) for kind in ("transition", "block")]
+        return [item for i in range(stages) for item in [("block", i)] + ([("transition", i)] if i < stages - 1 else [])]
+
+    def run(self, x: Tensor, solve_block=None) -> Tensor:
+        """stem → the layers of :meth:`order` → head, with ``solve_block(i, block, x)`` for the ODE blocks."""
         x = self.stem(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i < len(self.transitions):
+        for kind, i in self.order():
+            if kind == "transition":
                 x = self.transitions[i](x)
+            else:
+                x = self.blocks[i](x) if solve_block is None else solve_block(i, self.blocks[i], x)
         return self.head(x)
 
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, *in_shape) → logits (B, num_classes)."""
+        return self.run(x)
+
     def block_inputs(self, x: Tensor) -> list[Tensor]:
-        """The input of every ODE block on x: the stem's output, then each transition's."""
-        inputs, x = [], self.stem(x)
-        for i, block in enumerate(self.blocks):
+        """The input of every ODE block on x."""
+        inputs = []
+
+        def keep(i, block, x):
             inputs.append(x)
-            x = block(x)
-            if i < len(self.transitions):
-                x = self.transitions[i](x)
+            return block(x)
+
+        self.run(x, keep)
         return inputs
 
     def discretize(

@@ -14,7 +14,7 @@ from functools import lru_cache
 import numpy as np
 from torch import Tensor
 
-from .errors import check_choice
+from .errors import ResodeError, check_choice
 from .fields import Field, Theta
 
 _TOL = 1e-12
@@ -136,6 +136,14 @@ def get_scheme(name: str) -> ButcherTableau | ReversibleHeun:
     return SCHEMES[check_choice("scheme", name, SCHEMES)]
 
 
+def check_field_scheme(field: Field, scheme: str) -> None:
+    """A projected field (torchvision blocks) cannot run the reversible scheme: P is not invertible."""
+    if field.projection is not None and isinstance(get_scheme(scheme), ReversibleHeun):
+        raise ResodeError(f"scheme {scheme!r} is not available for blocks whose steps end with a {field.projection} "
+                          "projection (imported torchvision ResNets): the projection cannot be undone; use heun "
+                          "(with --grad symplectic for exact low-memory gradients)")
+
+
 @lru_cache(maxsize=256)
 def stage_grid(scheme: str, depth: int) -> tuple[np.ndarray, np.ndarray]:
     """Times at which a solve samples the weights, and which time each stage uses.
@@ -151,7 +159,11 @@ def stage_grid(scheme: str, depth: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rk_step(field: Field, x: Tensor, thetas: list[Theta], tableau: ButcherTableau, h: float) -> Tensor:
-    """One explicit RK step x → x + h Σ_i b_i k_i, k_i = f(x + h Σ_j a_ij k_j, thetas[i])."""
+    """One explicit RK step x → P(x + h Σ_i b_i k_i), k_i = f(x + h Σ_j a_ij k_j, thetas[i]).
+
+    P is the field's projection (:meth:`Field.project`): the identity, or ReLU for torchvision
+    blocks, whose step relu(x + F(x)) is the projected Euler step.
+    """
     ks: list[Tensor] = []
     for i, theta in enumerate(thetas):
         xi = x
@@ -160,9 +172,9 @@ def rk_step(field: Field, x: Tensor, thetas: list[Theta], tableau: ButcherTablea
                 xi = xi + (h * aij) * ks[j]
         ks.append(field(xi, theta))
     if tableau.stages == 1:
-        return x + h * ks[0]  # the ResNet step, bit for bit
+        return field.project(x + h * ks[0])  # the ResNet step, bit for bit
     update = sum((bi * k for bi, k in zip(tableau.b, ks) if bi), start=x.new_zeros(()))
-    return x + h * update
+    return field.project(x + h * update)
 
 
 def solve(field: Field, x: Tensor, params: dict[str, Tensor], scheme: str, depth: int) -> Tensor:
@@ -179,6 +191,7 @@ def solve(field: Field, x: Tensor, params: dict[str, Tensor], scheme: str, depth
     _, index = stage_grid(scheme, depth)
     h = 1.0 / depth
     if isinstance(tableau, ReversibleHeun):
+        check_field_scheme(field, scheme)
         z, fz = x, field(x, {k: v[index[0][0]] for k, v in params.items()})
         for n in range(depth):
             x, z, fz = reversible_heun_step(field, x, z, fz, {k: v[index[n][1]] for k, v in params.items()}, h)

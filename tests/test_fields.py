@@ -46,4 +46,4 @@ def test_bad_field_arguments():
         MLPField(3, 4, "swish")
     with pytest.raises(ValueError, match="multiple of groups"):
         ConvField(6, 4)
-    assert set(FIELDS) == {"mlp", "conv", "linear"}
+    assert set(FIELDS) == {"mlp", "conv", "linear", "resblock"}

@@ -30,8 +30,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..curves import Curve, default_num_basis
 from ..errors import ResodeError
-from ..fields import ConvField, Field, LinearField, MLPField
+from ..fields import ConvField, Field, LinearField, MLPField, ResBlockField
 from ..network import ODEBlock, ODENet
+from ..resnet import ConvAffine
 from ..schemes import ButcherTableau, ReversibleHeun, get_scheme, stage_grid
 
 OPSET = 17
@@ -99,15 +100,27 @@ def _group_norm(g: GraphBuilder, x: str, groups: int, gamma: str, beta: str) -> 
     return g.op("Add", [g.op("Mul", [normed, gamma]), beta])
 
 
-def _conv(g: GraphBuilder, x: str, w: str, b: str, stride: int = 1) -> str:
-    return g.op("Conv", [x, w, b], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[stride, stride])
+def _conv(g: GraphBuilder, x: str, w: str, b: str | None, stride: int = 1, kernel: int = 3, pad: int = 1,
+          groups: int = 1) -> str:
+    return g.op("Conv", [x, w] + ([b] if b is not None else []), kernel_shape=[kernel, kernel], pads=[pad] * 4,
+                strides=[stride, stride], group=groups)
 
 
 def field_layout(field: Field, name: str, array: np.ndarray) -> np.ndarray:
-    """A parameter (with any leading axes) in the layout the ONNX field takes: GroupNorm's affine as (C, 1, 1)."""
-    if isinstance(field, ConvField) and name in ("gamma", "beta"):
+    """A parameter (with any leading axes) in the layout the ONNX field takes: per-channel affines as (C, 1, 1)."""
+    if (isinstance(field, ConvField) and name in ("gamma", "beta")) or (
+            isinstance(field, ResBlockField) and name[0] in "st"):
         return array.reshape(*array.shape, 1, 1)
     return array
+
+
+def _project(g: GraphBuilder, field: Field, x: str) -> str:
+    """The field's step projection (ReLU for torchvision blocks)."""
+    if field.projection is None:
+        return x
+    if field.projection == "relu":
+        return g.op("Relu", [x])
+    raise ResodeError(f"no ONNX form for projection {field.projection!r}")
 
 
 def emit_field(g: GraphBuilder, field: Field, x: str, theta: dict[str, str]) -> str:
@@ -120,6 +133,17 @@ def emit_field(g: GraphBuilder, field: Field, x: str, theta: dict[str, str]) -> 
         z = _conv(g, x, theta["w1"], theta["b1"])
         z = _group_norm(g, z, field.groups, theta["gamma"], theta["beta"])
         return _conv(g, _act(g, z, field.activation), theta["w2"], theta["b2"])
+    if isinstance(field, ResBlockField):
+        convs = field.convs()
+        for i, (shape, pad, groups) in enumerate(convs, start=1):
+            if field.bn == "fold":
+                x = _conv(g, x, theta[f"w{i}"], theta[f"b{i}"], 1, shape[2], pad, groups)
+            else:
+                x = _conv(g, x, theta[f"w{i}"], None, 1, shape[2], pad, groups)
+                x = g.op("Add", [g.op("Mul", [x, theta[f"s{i}"]]), theta[f"t{i}"]])
+            if i < len(convs):
+                x = g.op("Relu", [x])
+        return x
     raise ResodeError(f"no ONNX form for field {field.name!r}")
 
 
@@ -135,7 +159,21 @@ def _conv_layer(g: GraphBuilder, x: str, layer: torch.nn.Conv2d) -> str:
     return _conv(g, x, g.const(_array(layer.weight), "w"), g.const(_array(layer.bias), "b"), layer.stride[0])
 
 
+def _conv_affine(g: GraphBuilder, x: str, layer: ConvAffine) -> str:
+    conv = layer.conv
+    bias = g.const(_array(conv.bias), "b") if conv.bias is not None else None
+    x = _conv(g, x, g.const(_array(conv.weight), "w"), bias, conv.stride[0], conv.kernel_size[0], conv.padding[0],
+              conv.groups)
+    if layer.bn == "frozen":
+        x = g.op("Add", [g.op("Mul", [x, g.const(_array(layer.scale).reshape(-1, 1, 1), "scale")]),
+                         g.const(_array(layer.shift).reshape(-1, 1, 1), "shift")])
+    return x
+
+
 def emit_stem(g: GraphBuilder, model: ODENet, x: str) -> str:
+    if model.config.arch == "resnet":
+        x = g.op("Relu", [_conv_affine(g, x, model.stem.conv)])
+        return g.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     if model.config.arch == "mlp":
         return _linear(g, x, model.stem)
     return _act(g, _conv_layer(g, x, model.stem[0]), model.config.activation)
@@ -143,12 +181,22 @@ def emit_stem(g: GraphBuilder, model: ODENet, x: str) -> str:
 
 def emit_transition(g: GraphBuilder, model: ODENet, i: int, x: str) -> str:
     layer = model.transitions[i]
+    if model.config.arch == "resnet":  # a torchvision block: relu(F(x) + x or downsample(x))
+        out = x
+        for j, conv in enumerate(layer.convs):
+            out = _conv_affine(g, out, conv)
+            if j < len(layer.convs) - 1:
+                out = g.op("Relu", [out])
+        identity = x if layer.downsample is None else _conv_affine(g, x, layer.downsample)
+        return g.op("Relu", [g.op("Add", [out, identity])])
     return _linear(g, x, layer) if model.config.arch == "mlp" else _conv_layer(g, x, layer)
 
 
 def emit_head(g: GraphBuilder, model: ODENet, x: str) -> str:
     if model.config.arch == "mlp":
         return _linear(g, x, model.head)
+    if model.config.arch == "resnet":
+        return _linear(g, g.op("Flatten", [g.op("GlobalAveragePool", [x])], axis=1), model.head.fc)
     norm, linear = model.head[0], model.head[4]
     gamma = g.const(_array(norm.weight).reshape(-1, 1, 1), "gamma")
     beta = g.const(_array(norm.bias).reshape(-1, 1, 1), "beta")
@@ -171,13 +219,13 @@ def emit_rk_step(g: GraphBuilder, field: Field, tableau: ButcherTableau, x: str,
                 xi = g.op("Add", [xi, g.op("Mul", [h_times(aij), ks[j]])])
         ks.append(emit_field(g, field, xi, theta))
     if tableau.stages == 1:
-        return g.op("Add", [x, g.op("Mul", [h_times(1.0), ks[0]])])
+        return _project(g, field, g.op("Add", [x, g.op("Mul", [h_times(1.0), ks[0]])]))
     update = None
     for bi, k in zip(tableau.b, ks):
         if bi:
             term = g.op("Mul", [g.scalar(bi), k])
             update = term if update is None else g.op("Add", [update, term])
-    return g.op("Add", [x, g.op("Mul", [h_times(1.0), update])])
+    return _project(g, field, g.op("Add", [x, g.op("Mul", [h_times(1.0), update])]))
 
 
 def emit_reversible_step(g: GraphBuilder, field: Field, state: tuple[str, str, str], theta_next: dict[str, str],
@@ -233,10 +281,8 @@ def static_graph(model: ODENet, metadata: dict[str, str] | None = None) -> onnx.
     """The model unrolled at its own depths and scheme."""
     g = GraphBuilder()
     x = emit_stem(g, model, "input")
-    for i, block in enumerate(model.blocks):
-        x = emit_static_block(g, block, x)
-        if i < len(model.transitions):
-            x = emit_transition(g, model, i, x)
+    for kind, i in model.order():
+        x = emit_static_block(g, model.blocks[i], x) if kind == "block" else emit_transition(g, model, i, x)
     g.nodes.append(helper.make_node("Identity", [emit_head(g, model, x)], ["logits"]))
     inp, out = _io(model)
     return _finish(g, [inp], [out], "resode_static", f"resode ODENet, depths {list(model.config.depths)}, "
@@ -433,10 +479,8 @@ def dynamic_graph(model: ODENet, metadata: dict[str, str] | None = None) -> onnx
     """One graph for every depth: inputs ``input`` and ``depth`` (int64 scalar, steps of every block)."""
     g = GraphBuilder()
     x = emit_stem(g, model, "input")
-    for i, block in enumerate(model.blocks):
-        x = emit_dynamic_block(g, block, x, "depth", i)
-        if i < len(model.transitions):
-            x = emit_transition(g, model, i, x)
+    for kind, i in model.order():
+        x = emit_dynamic_block(g, model.blocks[i], x, "depth", i) if kind == "block" else emit_transition(g, model, i, x)
     logits = emit_head(g, model, x)
     # a depth below 1 has no meaning: NaN logits rather than the network without its ODE blocks
     g.nodes.append(helper.make_node("Where", [g.op("Greater", ["depth", g.scalar(0, np.int64)]), logits,

@@ -26,6 +26,7 @@ class FrozenODENet(nn.Module):
         self.stem = copy.deepcopy(model.stem)
         self.transitions = copy.deepcopy(model.transitions)
         self.head = copy.deepcopy(model.head)
+        self.order = model.order()
         self.plan = []
         for i, block in enumerate(model.blocks):
             times, _ = stage_grid(block.scheme, block.depth)
@@ -39,10 +40,12 @@ class FrozenODENet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stem(x)
-        for i, (field, scheme, depth, names) in enumerate(self.plan):
-            x = solve(field, x, {k: getattr(self, n) for k, n in names.items()}, scheme, depth)
-            if i < len(self.transitions):
+        for kind, i in self.order:
+            if kind == "transition":
                 x = self.transitions[i](x)
+            else:
+                field, scheme, depth, names = self.plan[i]
+                x = solve(field, x, {k: getattr(self, n) for k, n in names.items()}, scheme, depth)
         return self.head(x)
 
 
