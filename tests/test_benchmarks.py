@@ -42,3 +42,14 @@ def test_gpu_benchmark_smoke_on_cpu():
                   "--repeats", "1", "--no-torchdiffeq")
     assert {r["method"] for r in result["rows"]} >= {"backprop", "adjoint", "symplectic", "reversible"}
     assert all(r["step_ms"] > 0 for r in result["rows"])
+
+
+def test_import_benchmark_smoke():
+    result = _run("import_resnet.py", "--smoke")
+    for row in result["round_trip"]:
+        assert row["rel_dev_float64_fold"] < 1e-12 and row["rel_dev_float64_frozen"] < 1e-12, row
+        assert row["rel_dev_float32_fold"] < 1e-5 and row["rel_dev_onnx_fold"] < 1e-5, row
+    verdicts = result["verdicts"]
+    for stage in ("random_init", "trained", "fine_tuned_adjoint", "smoothed"):
+        assert isinstance(verdicts[stage]["ode_like"], bool) and verdicts[stage]["verdict"], stage
+    assert verdicts["smoothed"]["max_relative_jump"] == [0.0, 0.0]  # 2 knots smoothed onto one B-spline: tied
