@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +124,7 @@ def npz(path: str | os.PathLike) -> Dataset:
             arrays = {k: fh[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except KeyError as exc:
         raise ResodeError(f"{str(path)!r} lacks array {exc}; it needs x_train, y_train, x_test, y_test") from None
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         if "pickle" in str(exc):
             raise ResodeError(f"cannot read {str(path)!r}: it holds pickled (object) arrays and resode never unpickles "
                               "data; save numeric arrays, e.g. np.savez(path, x_train=x.astype(np.float32), ...)") from None

@@ -29,6 +29,7 @@ from .network import ODENet, ODENetConfig
 FORMAT_VERSION = 1
 METADATA_KEY = "resode"
 DIGEST_KEY = "resode.sha256"  # safetensors metadata: checksum of the other metadata and every tensor
+CHECKSUM = "sha256"  # a header's "checksum" entry: the file must carry DIGEST_KEY (older files do not)
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol ≥ 2; torch.save's zip container
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
 
@@ -107,7 +108,7 @@ def _umask() -> int:
 
 def save_checkpoint(path: str | os.PathLike, model: ODENet, info: dict | None = None) -> Path:
     """Write ``model`` and ``info`` (data set, metrics, training record) to ``path`` atomically."""
-    header = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(), **(info or {})}
+    header = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(), **(info or {}), "checksum": CHECKSUM}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return write_safetensors(path, tensors, {METADATA_KEY: json.dumps(header)})
 
@@ -149,8 +150,12 @@ def read_safetensors(path: Path, verify: bool = True) -> tuple[dict[str, torch.T
     return tensors, metadata
 
 
-def verify_digest(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """ResodeError if the file carries a checksum that its metadata and tensors do not match."""
+def verify_digest(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], required: bool = False) -> None:
+    """ResodeError if the file carries a checksum that its metadata and tensors do not match, or none when
+    ``required`` (its header says it was written with one)."""
+    if required and DIGEST_KEY not in metadata:
+        raise ResodeError(f"{str(path)!r} is corrupt: its header says it carries a checksum, but the checksum is gone; "
+                          "restore it from a backup or write it again")
     if DIGEST_KEY in metadata and metadata[DIGEST_KEY] != digest(tensors, metadata):
         raise ResodeError(f"{str(path)!r} is corrupt: its contents do not match the checksum resode wrote with it "
                           "(a flipped bit or a partial copy?); restore it from a backup or write it again")
@@ -221,7 +226,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ODENet, dict]:
         raise ResodeError(f"{str(path)!r} has an invalid config: {' '.join(repr(exc).split())[:200]}") from None
     if expected is None:
         _check_tensors(path, tensors, {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()})
-    verify_digest(path, tensors, metadata)
+    verify_digest(path, tensors, metadata, required=header.pop("checksum", None) is not None)
     model.load_state_dict(tensors)
     return model.eval(), header
 

@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
 from .data import Dataset
 from .errors import ResodeError, check_choice
 from .evaluate import accuracy, predict, progress_bar
 from .gradients import reconstruction_error
-from .io import atomic_write, load_checkpoint, read_safetensors, save_checkpoint, write_safetensors
+from .io import CHECKSUM, atomic_write, load_checkpoint, read_safetensors, save_checkpoint, verify_digest, write_safetensors
 from .network import ODENet
 
 OPTIMIZERS = ("adam", "sgd")
@@ -64,6 +65,8 @@ class TrainOptions:
         check_choice("schedule", self.schedule, dict.fromkeys(SCHEDULES))
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or not self.weight_decay >= 0:
             raise ResodeError("epochs and batch size must be at least 1, the learning rate positive, weight decay >= 0")
+        if not 0 <= self.seed < 2**32:
+            raise ResodeError(f"--seed must be an integer from 0 to {2**32 - 1}, got {self.seed}")
 
     def lr_at(self, step: int, total: int) -> float:
         """The learning rate of optimizer step ``step`` (0-based) out of ``total``."""
@@ -119,7 +122,7 @@ def _save_state(path: Path, optimizer: torch.optim.Optimizer, meta: dict) -> Non
     for name, value in (meta.get("weights") or {}).items():
         tensors[f"model.{name}"] = value.detach().cpu().contiguous()
     meta = {k: v for k, v in meta.items() if k != "weights"}
-    header = {**meta, "param_groups": sd["param_groups"], "scalars": scalars}
+    header = {**meta, "param_groups": sd["param_groups"], "scalars": scalars, "checksum": CHECKSUM}
     write_safetensors(path, tensors, {"resode-train-state": json.dumps(header)})
 
 
@@ -129,6 +132,7 @@ def _load_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
     tensors, metadata = read_safetensors(path)
     try:
         header = json.loads(metadata["resode-train-state"])
+        verify_digest(path, tensors, metadata, required=header.get("checksum") is not None)
         weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         state: dict[int, dict] = {}
         for key, value in [*tensors.items(), *header["scalars"].items()]:
@@ -140,6 +144,8 @@ def _load_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
         if not (isinstance(header["epoch"], int) and isinstance(header["history"], list)
                 and isinstance(header["seconds"], (int, float)) and isinstance(header.get("options", {}), dict)):
             raise TypeError("epoch, history, seconds or options of the wrong type")
+    except ResodeError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any inconsistency of the file is bad input
         text = " ".join(repr(exc).split())[:200]
         raise ResodeError(f"cannot resume: {str(path)!r} holds no usable training state ({text}); "
