@@ -333,13 +333,16 @@ def export(
     """Export a model to ONNX, TorchScript or torch.export, verified against PyTorch before it is written."""
     from .convert import dataset_for, load_model, parse_depths, parse_input_size
     from .export import FORMATS, export_model
+    from .resources import check_static_export
 
     if out is not None:
         check_output_path(out)
     if dynamic_depth and (depth is not None or depth_scale is not None):
         raise ResodeError("--dynamic-depth takes the depth at run time (input 'depth'); drop --depth/--depth-scale")
     source, header, path = load_model(model, source_arch.value, parse_input_size(input_size), bn.value)
-    depths = parse_depths(depth, depth_scale, source.config.depths)
+    new_scheme = scheme.value if scheme else source.config.scheme
+    fits = None if dynamic_depth else (lambda d: check_static_export(source, d, new_scheme))
+    depths = parse_depths(depth, depth_scale, source.config.depths, fits)
     target = source.discretize(depths, scheme and scheme.value, interp and interp.value, grad="backprop")
     try:
         data = dataset_for(header)

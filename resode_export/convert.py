@@ -123,14 +123,21 @@ def probe_inputs(net: ODENet, count: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.randn(count, *net.config.in_shape, generator=torch.Generator().manual_seed(seed))
 
 
-def parse_depths(depth: str | int | None, depth_scale: float | None, native: tuple[int, ...]) -> tuple[int, ...]:
-    """Target depths per stage from ``--depth`` ("64" or "16,32") or ``--depth-scale``."""
+def parse_depths(depth: str | int | None, depth_scale: float | None, native: tuple[int, ...],
+                 fits=None) -> tuple[int, ...]:
+    """Target depths per stage from ``--depth`` ("64" or "16,32") or ``--depth-scale``.
+
+    ``fits(depths)``, if given, runs before the range check (an export's memory estimate, so that an
+    absurd depth is refused with what it would cost).
+    """
     if depth is not None and depth_scale is not None:
         raise ResodeError("give --depth or --depth-scale, not both")
     if depth_scale is not None:
         if not 0 < depth_scale < math.inf:
             raise ResodeError(f"--depth-scale must be positive and finite, got {depth_scale}")
         scaled = [d * depth_scale for d in native]
+        if fits is not None and all(1 <= s < 2**62 for s in scaled):
+            fits(tuple(round(s) for s in scaled))
         if any(s > MAX_DEPTH for s in scaled):
             raise ResodeError(f"--depth-scale {depth_scale} gives depths {scaled} above the maximum {MAX_DEPTH}")
         if any(abs(s - round(s)) > 1e-9 for s in scaled):
@@ -146,6 +153,8 @@ def parse_depths(depth: str | int | None, depth_scale: float | None, native: tup
         depths = depths * len(native)
     if len(depths) != len(native):
         raise ResodeError(f"--depth lists {len(depths)} depths but the model has {len(native)} stages")
+    if fits is not None and all(1 <= d < 2**62 for d in depths):
+        fits(tuple(depths))
     return tuple(check_depth(d) for d in depths)
 
 

@@ -159,6 +159,10 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
     out = check_output_path(out)
     if fmt == "onnx":
         require_onnx()
+    if not dynamic_depth:
+        from ..resources import check_static_export
+
+        check_static_export(model, model.config.depths)  # before any copy of the weights
     model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its dtype, device and mode
     meta = {"resode.scheme": model.config.scheme, "resode.depths": ",".join(map(str, model.config.depths)),
             "resode.dynamic_depth": str(dynamic_depth).lower(), **{k: str(v) for k, v in (metadata or {}).items()}}
