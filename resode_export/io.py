@@ -17,6 +17,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -188,9 +189,34 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
         header = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as exc:
         raise ResodeError(f"{str(path)!r} has corrupt resode metadata: {exc}") from None
-    if not isinstance(header, dict) or not all(isinstance(header.get(k, {}), dict) for k in ("config", "data")):
-        raise ResodeError(f"{str(path)!r} has corrupt resode metadata: expected a JSON object with config and data objects")
+    if not isinstance(header, dict) or not all(isinstance(header.get(k, {}), dict) for k in _OBJECT_ENTRIES):
+        raise ResodeError(f"{str(path)!r} has corrupt resode metadata: expected a JSON object whose "
+                          f"{', '.join(_OBJECT_ENTRIES)} entries are objects")
     return tensors, header, metadata
+
+
+_OBJECT_ENTRIES = ("config", "data", "metrics", "training", "converted_from", "imported")
+_SIMPLE_TYPES = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                 "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                 "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool), "None": lambda v: v is None,
+                 "tuple[int, ...]": lambda v: isinstance(v, (list, tuple))
+                 and all(isinstance(i, int) and not isinstance(i, bool) for i in v)}
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "text", "bool": "true or false", "None": "null",
+               "tuple[int, ...]": "a list of integers"}
+
+
+def _config_type_errors(config: dict) -> list[str]:
+    """Config entries whose JSON value does not have their field's type (fields of other types are not checked)."""
+    errors = []
+    for f in fields(ODENetConfig):
+        if f.name not in config or not isinstance(f.type, str):
+            continue
+        kinds = [k.strip() for k in f.type.split("|")]
+        if all(k in _SIMPLE_TYPES for k in kinds) and not any(_SIMPLE_TYPES[k](config[f.name]) for k in kinds):
+            wanted = " or ".join(_TYPE_NAMES[k] for k in kinds)
+            errors.append(f"{f.name} must be {wanted}, not {json.dumps(config[f.name])[:40]}")
+    return errors
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[ODENet, dict]:
@@ -211,6 +237,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ODENet, dict]:
         raise ResodeError(f"{str(path)!r} has checkpoint format {version!r}; this resode reads format {FORMAT_VERSION}")
     if "config" not in header:
         raise ResodeError(f"{str(path)!r} has no config in its resode metadata; restore the file or write it again")
+    wrong = _config_type_errors(header["config"])
+    if wrong:
+        raise ResodeError(f"{str(path)!r} has an invalid config: {'; '.join(wrong[:3])}")
     try:
         config = ODENetConfig.from_dict(header["config"])
         expected = _expected_tensors(config)

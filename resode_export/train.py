@@ -41,6 +41,7 @@ from .network import ODENet
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 MAX_SKIPPED_FRACTION = 0.1  # --skip-nonfinite: an epoch may skip this fraction of its batches (at least one)
+MAX_RATE = 1e6  # learning rate and weight decay: larger values overflow float32 in the optimizer's step
 RECONSTRUCTION_WARNING = 0.1  # an adjoint reconstruction error ‖x̃_0 − x_0‖ / ‖x_0‖ above this is reported
 
 
@@ -65,6 +66,9 @@ class TrainOptions:
         check_choice("schedule", self.schedule, dict.fromkeys(SCHEDULES))
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or not self.weight_decay >= 0:
             raise ResodeError("epochs and batch size must be at least 1, the learning rate positive, weight decay >= 0")
+        if not (self.lr <= MAX_RATE and self.weight_decay <= MAX_RATE):  # beyond, optimizer steps overflow float32
+            raise ResodeError(f"the learning rate and weight decay must be at most {MAX_RATE:g} (and finite), "
+                              f"got --lr {self.lr:g}, --weight-decay {self.weight_decay:g}")
         if not 0 <= self.seed < 2**32:
             raise ResodeError(f"--seed must be an integer from 0 to {2**32 - 1}, got {self.seed}")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from resode_export import io as rio
@@ -168,8 +168,8 @@ TRAIN = options({
     "--schedule": (_values("cosine", "step", "constant"), _values("linear")),
     "--epochs": (_ints(1, 2), _ints(-1, 0)),
     "--batch-size": (_ints(1, 64), _ints(-1, 0)),
-    "--lr": (_values("1e-3", "0.5", "inf", "1e300"), _values("0", "-1", "nan")),
-    "--weight-decay": (_values("0", "0.1", "inf", "1e300"), _values("-1", "nan")),
+    "--lr": (_values("1e-3", "0.5", "1e6"), _values("0", "-1", "nan", "inf", "1e300")),
+    "--weight-decay": (_values("0", "0.1", "1e6"), _values("-1", "nan", "inf", "1e300")),
     "--seed": (_ints(0, 5), _values("-1", str(2**32), str(2**70))),
     "--device": (_values("auto", "cpu"), _values("cuda", "tpu")),
     "--resume": (FLAG, None),
@@ -179,6 +179,7 @@ TRAIN = options({
 
 
 @_settings(60)
+@example(data="toy.npz", args=["--depth", "1", "--width", "4", "--lr", "1e300"], out="m.safetensors", log=None)
 @given(data=st.sampled_from(["toy.npz"] * 6 + ["missing.npz", "evil.pt", "imagenet", "."]),
        args=TRAIN, out=OUTS, log=st.one_of(st.none(), st.sampled_from(["log.jsonl", "missing/log.jsonl", "."])))
 def test_train_arguments(folder, data, args, out, log):
