@@ -9,8 +9,10 @@
    ONNX graph (onnxruntime) for the float32 import.
 2. Verdicts: a small ResNet trained as a ResNet (BatchNorm, batch statistics) on Fashion-MNIST,
    imported; ``resode inspect`` on it at random initialization, after training, after fine-tuning
-   the import with the adjoint (``resode train MODEL --adjoint``) and after the smoothing path
-   (``resode convert --interp smooth`` + fine-tuning). ``--smoke`` shrinks everything (tests).
+   the import with the adjoint (``resode train MODEL --adjoint``, BatchNorm frozen: compare with the
+   trained model inspected with ``--bn frozen``, since smoothness is measured on the parameters) and
+   after the smoothing path (``resode convert --interp smooth`` + fine-tuning with the symplectic
+   adjoint). ``--smoke`` shrinks everything (tests).
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def verdicts(args, folder: Path) -> dict:
     out["resnet_training_seconds"] = round(time.perf_counter() - start, 1)
     trained = folder / "trained.pth"
     torch.save(net.state_dict(), trained)
-    out["trained"] = inspect(trained)
+    out["trained"] = inspect(trained)  # BatchNorm folded, as deployed
+    out["trained_frozen_bn"] = inspect(trained, ["--bn", "frozen"])  # the parametrization fine-tuning uses
     tuned = folder / "tuned.safetensors"
     t = cli("train", trained, "--data", args.data, "--adjoint", "--epochs", args.tune_epochs, "--lr", "5e-4",
             "--batch-size", 128, "--out", tuned)

@@ -12,7 +12,8 @@ from .convert import compare, load_model, parse_depths
 from .curves import INTERPOLATIONS, Curve, roughness
 from .data import Dataset, digits, fashion_mnist, load_data
 from .errors import ResodeError
-from .fields import ACTIVATIONS, FIELDS, ConvField, Field, LinearField, MLPField
+from .fields import ACTIVATIONS, FIELDS, ConvField, Field, LinearField, MLPField, ResBlockField
+from .importers import detect_layout, import_resnet, read_state_dict, reference_forward
 from .io import load_checkpoint, save_checkpoint
 from .network import ODEBlock, ODENet, ODENetConfig
 from .schemes import SCHEMES, ButcherTableau, get_scheme, rk_step, solve, stage_grid
@@ -20,7 +21,8 @@ from .schemes import SCHEMES, ButcherTableau, get_scheme, rk_step, solve, stage_
 __all__ = [
     "ACTIVATIONS", "FIELDS", "INTERPOLATIONS", "SCHEMES",
     "ButcherTableau", "ConvField", "Curve", "Dataset", "Field", "LinearField", "MLPField",
-    "ODEBlock", "ODENet", "ODENetConfig", "ResodeError",
-    "compare", "digits", "fashion_mnist", "get_scheme", "load_checkpoint", "load_data", "load_model",
-    "parse_depths", "rk_step", "roughness", "save_checkpoint", "solve", "stage_grid",
+    "ODEBlock", "ODENet", "ODENetConfig", "ResBlockField", "ResodeError",
+    "compare", "detect_layout", "digits", "fashion_mnist", "get_scheme", "import_resnet", "load_checkpoint",
+    "load_data", "load_model", "parse_depths", "read_state_dict", "reference_forward", "rk_step", "roughness",
+    "save_checkpoint", "solve", "stage_grid",
 ]

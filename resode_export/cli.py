@@ -449,6 +449,7 @@ def inspect(
     tolerance: Annotated[float, typer.Option(
         help="Relative logit deviation from the limit ODE that a re-discretization may have.")] = 0.05,
     input_size: InputSizeOpt = None,
+    bn: BnOpt = BnName.fold,
     as_json: JsonOpt = False,
 ):
     """Is this ResNet ODE-like? Smoothness in depth, distance to its limit ODE, convergence, safe depths."""
@@ -459,7 +460,7 @@ def inspect(
     start = time.perf_counter()
     if not tolerance > 0 or tolerance != tolerance:
         raise ResodeError(f"--tolerance must be a positive number, got {tolerance}")
-    net, header, path = load_model(model, input_size=parse_input_size(input_size))
+    net, header, path = load_model(model, input_size=parse_input_size(input_size), bn=bn.value)
     if data or not header.get("imported"):
         dataset = load_data(data) if data else dataset_for(header)
         net = fit_input(net, dataset)

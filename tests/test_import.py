@@ -401,3 +401,21 @@ def test_against_torchvision(arch):
     with torch.no_grad():
         want = net.double()(x)
         assert float((model(x) - want).abs().max() / want.abs().max()) < 1e-12
+
+
+def test_check_an_import_on_data(capsys, tmp_path):
+    """resode check sweeps an imported model's depths in onnxruntime on the data given."""
+    torch.manual_seed(0)
+    net = randomize_bn(ResNet(Bottleneck, [3, 3], width=8, num_classes=4))
+    path = tmp_path / "r.pth"
+    torch.save(net.state_dict(), path)
+    code, stdout, err = run_cli(capsys, "check", path, "--data", _tiny_images(tmp_path), "--depths", "2,4",
+                                "--schemes", "euler,heun", "--repeats", "3", "--json")
+    assert code == 0, err
+    rows = json.loads(stdout)["rows"]
+    assert {(r["depth"], r["scheme"]) for r in rows} == {(2, "euler"), (4, "euler"), (2, "heun"), (4, "heun")}
+    assert all(r["max_rel_deviation"] < 1e-4 for r in rows)  # each ONNX graph matches PyTorch at its depth
+    x = torch.from_numpy(np.load(tmp_path / "quadrants.npz")["x_test"])
+    with torch.no_grad():
+        want = float((net(x).argmax(1) == torch.from_numpy(np.load(tmp_path / "quadrants.npz")["y_test"])).double().mean())
+    assert json.loads(stdout)["source_accuracy"] == pytest.approx(want)  # native depth 2 = the original network
