@@ -10,6 +10,7 @@ the depths. The recommendation is the lowest-latency (batch 1) row whose accurac
 from __future__ import annotations
 
 import copy
+import re
 import statistics
 import tempfile
 import time
@@ -58,6 +59,16 @@ def _onnx_metadata(path: Path) -> dict[str, str]:
     if "resode.scheme" not in meta:
         raise ResodeError(f"{path} was not made by resode export (no resode metadata); check sweeps resode's own "
                           "graphs only")
+    # resode's graphs take "input" (and "depth") and give "logits"; metadata alone can be forged
+    inputs = {i.name for i in proto.graph.input} - {t.name for t in proto.graph.initializer}
+    outputs = {o.name for o in proto.graph.output}
+    depths = meta.get("resode.depths", "")
+    if (inputs not in ({"input"}, {"input", "depth"}) or outputs != {"logits"}
+            or not re.fullmatch(r"[1-9][0-9]{0,8}(,[1-9][0-9]{0,8})*", depths)
+            or meta.get("resode.dynamic_depth") not in ("true", "false")):
+        raise ResodeError(f"{path} carries resode metadata but is not a graph resode export wrote (inputs "
+                          f"{sorted(inputs)}, outputs {sorted(outputs)}, depths {depths!r}); export it again with "
+                          "resode export")
     return meta
 
 

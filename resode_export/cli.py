@@ -89,6 +89,12 @@ def _emit(result: dict, as_json: bool, title: str, rows: list[tuple[str, str]]) 
     Console().print(table)
 
 
+def _import_record(header: dict) -> dict | None:
+    """The ``imported`` record of an import (or of a checkpoint converted from one), if it is an object."""
+    record = header.get("imported")
+    return record if isinstance(record, dict) and record else None
+
+
 def _fmt_depths(depths) -> int | list[int]:
     depths = list(depths)
     return depths[0] if len(set(depths)) == 1 else depths
@@ -128,7 +134,7 @@ def convert(
     source, header, path = load_model(model, source_arch.value, parse_input_size(input_size), bn.value)
     depths = parse_depths(depth, depth_scale, source.config.depths)
     new_scheme = scheme.value if scheme else source.config.scheme
-    imported = header.get("imported")
+    imported = _import_record(header)
     if data:
         data = load_data(data)
         fit_input(source, data)
@@ -164,9 +170,10 @@ def convert(
 
     rows = []
     if imported:
-        rows += [("imported", imported["layout"] + f", BatchNorm {imported['bn']}"),
-                 ("import vs original", f"{imported['max_rel_deviation']:.3e} max rel. deviation "
-                                        f"({imported['probe']})")]
+        dev = imported.get("max_rel_deviation")
+        rows += [("imported", f"{imported.get('layout', '?')}, BatchNorm {imported.get('bn', '?')}"),
+                 ("import vs original", f"{dev:.3e} max rel. deviation ({imported.get('probe', '?')})"
+                  if isinstance(dev, (int, float)) else "-")]
     _emit(result, as_json, f"resode convert: {path.name}", rows + [
         ("source", f"depth {result['source_depth']}, {src_cfg.scheme}, {src_cfg.interp}"),
         ("converted", f"depth {result['depth']}, {cfg.scheme}, {cfg.interp}"),
@@ -461,7 +468,7 @@ def inspect(
     if not tolerance > 0 or tolerance != tolerance:
         raise ResodeError(f"--tolerance must be a positive number, got {tolerance}")
     net, header, path = load_model(model, input_size=parse_input_size(input_size), bn=bn.value)
-    if data or not header.get("imported"):
+    if data or not _import_record(header):
         dataset = load_data(data) if data else dataset_for(header)
         net = fit_input(net, dataset)
         x = dataset.x_test[:limit]
@@ -472,9 +479,9 @@ def inspect(
     if tuple(x.shape[1:]) != tuple(net.config.in_shape):
         raise ResodeError(f"test data has samples of shape {tuple(x.shape[1:])}, the model expects {net.config.in_shape}")
     result = {"model": str(path), **inspect_model(net, x, tolerance)}
-    if header.get("imported"):
+    if _import_record(header):
         result["note"] = (
-            f"imported ({header['imported']['layout']}): ResNets trained as ResNets are usually rough in depth "
+            f"imported ({_import_record(header).get('layout', 'a torchvision-style ResNet')}): ResNets trained as ResNets are usually rough in depth "
             "(Sander et al. 2022), their blocks unrelated steps of no single ODE, so expect 'not ODE-like'; to make "
             "one re-discretizable, convert it with --interp smooth and fine-tune it (resode train MODEL)")
     result["seconds"] = round(time.perf_counter() - start, 3)
