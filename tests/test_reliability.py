@@ -100,7 +100,7 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path, ref
             assert time.monotonic() < deadline, "epoch 1 took too long"
             time.sleep(0.002)
         epoch_seconds = _log_rows(log)[0]["seconds"]
-        time.sleep(0.4 * epoch_seconds)  # well into epoch 2
+        time.sleep(0.3 * epoch_seconds)  # into epoch 2, well before its end
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
@@ -193,7 +193,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_file_or_none(tmp_
 
 def test_a_live_writers_temporary_file_is_left_alone(tmp_path):
     out = tmp_path / "m.safetensors"
-    live = tmp_path / f".m.safetensors.{os.getppid()}-abc123.tmp"  # our parent process is alive
+    live = tmp_path / f".m.safetensors.{os.getpid()}-abc123.tmp"  # this process is alive
     dead = tmp_path / ".m.safetensors.999999999-abc123.tmp"  # above any pid Linux hands out
     live.write_bytes(b"half")
     dead.write_bytes(b"half")
@@ -466,8 +466,6 @@ def test_bad_headers_are_refused_on_resume_too(capsys, tmp_path):
     _refused(code, stdout, err, "checksum")
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py convert reads header['imported']['layout'], ['bn'], "
-                                       "['max_rel_deviation'] and ['probe'] unchecked (KeyError, exit 1)")
 def test_an_import_record_without_its_fields_is_refused(capsys, tmp_path):
     bad = _rewrite(_small_checkpoint(tmp_path), tmp_path / "bad.safetensors", lambda h, t: h.update(imported={"x": 1}))
     code, out, err = run_cli(capsys, "convert", bad, "--limit", "8")
@@ -512,8 +510,6 @@ def test_onnx_files_not_made_by_resode_are_refused_by_check(capsys, tmp_path, ca
     _refused(code, out, err, path.name)
 
 
-@pytest.mark.xfail(strict=True, reason="check.py reads resode.depths without checking it (KeyError/ValueError, exit 1) "
-                                       "and runs a graph whose input is not 'input' (onnxruntime error, exit 1)")
 @pytest.mark.parametrize("forged", [{"resode.scheme": "euler", "resode.data": "digits"},
                                     {"resode.scheme": "euler", "resode.data": "digits", "resode.depths": "many",
                                      "resode.dynamic_depth": "false"}])
