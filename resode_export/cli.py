@@ -241,6 +241,7 @@ def train(
     from .io import check_output_path, load_checkpoint, save_checkpoint
     from .network import ODENet, ODENetConfig
     from .network import untie as untie_model
+    from .resources import check_training
     from .train import TrainOptions, is_writer, write_model_card
     from .train import train as run_training
 
@@ -279,6 +280,7 @@ def train(
             activation=activation.value, scheme=scheme.value if scheme else "euler", interp=interp.value,
             stem_stride=stem_stride, grad=method or "backprop",
         )
+        check_training(config)  # before any allocation
         net = ODENet(config, init="iid" if init.value == "iid" else "smooth", seed=seed)
     log_path = log if log is not None else out.with_name(out.stem + ".log.jsonl")
     if log is not None:

@@ -8,6 +8,7 @@ or with a K/M/G/T suffix) if set, else the memory the system reports available.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -78,4 +79,21 @@ def check_static_export(model: ODENet, depths: tuple[int, ...], scheme: str | No
     return need
 
 
-__all__ = ["check_static_export", "memory_limit", "parse_bytes", "stage_times", "unrolled_bytes"]
+def check_training(config) -> int:
+    """Refuse training a new model whose weights, gradients and optimizer state would not fit; the estimate."""
+    from .io import _expected_tensors
+
+    expected = _expected_tensors(config)  # shapes on the meta device: nothing allocated
+    if expected is None:
+        return 0
+    weights = 4 * sum(math.prod(shape) for shape, _ in expected.values())
+    need = 4 * weights  # weights, gradients, Adam's two moments (activations come on top)
+    limit, source = memory_limit()
+    if need > limit:
+        raise ResodeError(f"this model has {_gib(weights)} of weights and training it needs about {_gib(need)} "
+                          f"(weights, gradients, optimizer state), above {_gib(limit)} ({source}); use a smaller "
+                          "--width, --hidden or --depth")
+    return need
+
+
+__all__ = ["check_static_export", "check_training", "memory_limit", "parse_bytes", "stage_times", "unrolled_bytes"]

@@ -334,3 +334,17 @@ def test_check_bad_data_and_unloadable_files(capsys, tmp_path):
     capsys.readouterr()
     code, _, err = run_cli(capsys, "check", tmp_path / "m.onnx")
     assert code == 2 and "cannot load" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_temporaries_of_killed_exports_are_cleared(tmp_path):
+    """A killed export leaves its temporary file behind; the next export to that path removes it (its writer
+    is gone) and leaves a live writer's alone."""
+    import os
+
+    out = tmp_path / "m.onnx"
+    dead = tmp_path / ".m.onnx.999999999-abc123.tmp"  # above any pid Linux hands out
+    live = tmp_path / f".m.onnx.{os.getpid()}-xyz789.tmp"
+    dead.write_bytes(b"half a graph")
+    live.write_bytes(b"being written")
+    export_model(ODENet(mlp_config(depths=(2, 2)), init="iid"), "onnx", out)
+    assert out.is_file() and not dead.exists() and live.exists()

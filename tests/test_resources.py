@@ -58,3 +58,11 @@ def test_limit_from_the_environment(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("RESODE_MEMORY_LIMIT", "lots")
     code, _, err = run_cli(capsys, "export", "digits-mlp", "--out", tmp_path / "x.onnx")
     assert code == 2 and "must be a size" in err
+
+
+def test_training_a_model_too_large_is_refused_before_allocating(capsys, tmp_path):
+    out = tmp_path / "m.safetensors"
+    code, _, err = run_cli(capsys, "train", "--width", "100000", "--hidden", "100000", "--depth", "64",
+                           "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "GiB of weights" in err and "--width" in err and list(tmp_path.iterdir()) == []

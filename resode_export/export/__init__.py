@@ -24,7 +24,7 @@ import torch
 from ..data import Dataset
 from ..errors import ResodeError, check_choice
 from ..evaluate import predict, relative_deviation
-from ..io import check_output_path
+from ..io import _remove_stale_temporaries, check_output_path
 from ..network import ODENet
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
@@ -168,7 +168,8 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
             "resode.dynamic_depth": str(dynamic_depth).lower(), **{k: str(v) for k, v in (metadata or {}).items()}}
     start = time.perf_counter()
     external = None
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=FORMATS[fmt], dir=out.parent)
+    _remove_stale_temporaries(out)  # of exports killed mid-way (their writer is gone)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".tmp", dir=out.parent)  # io's naming
     os.close(fd)
     data_file = out.with_name(f"{out.name}.{Path(tmp).name.split('.')[-2]}.data")  # unique, decided up front
     try:
