@@ -203,19 +203,20 @@ class _SolveFunction(torch.autograd.Function):
         y, states, knots = saved[0], saved[1 : 1 + ctx.num_states], list(saved[1 + ctx.num_states :])
         field, steps = ctx.field, ctx.steps
         grads = [torch.zeros_like(k) for k in knots]
-        x = y
+        x = x_out = y
         for n in reversed(range(steps.depth)):
             thetas = [{k: v.detach() for k, v in t.items()} for t in steps.thetas(knots, n)]
             x_next = x
-            if ctx.method == "adjoint_fast":
+            if ctx.method == "adjoint_fast":  # here x is already step n's input x̃_n, x_out its output
                 if n == steps.depth - 1:  # x̃_{M−1} as the plain adjoint has it
                     with torch.no_grad():
                         f_later = field(x, thetas[0])
                         x = field.project(x - steps.h * f_later)
-                g = field.project_vjp(x_next, g)
+                g = field.project_vjp(x_out, g)
                 fx, x_grad, theta_grads = _vjp_with_value(field, x, thetas[0], steps.h * g)
                 steps.accumulate(grads, n, 0, theta_grads)
                 # x̃_{n−1} = x̃_n − h f(x_{n−1}, θ_{n−1}), with f along the path extrapolated from its last two values
+                x_out = x
                 x, g, f_later = field.project(x - steps.h * (2 * fx - f_later)), g + x_grad, fx
                 continue
             if ctx.method == "adjoint":

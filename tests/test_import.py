@@ -129,13 +129,13 @@ def _projected_problem(scale: float):
     return field, knots, x0
 
 
-def _adjoint_gradient_error(field, knots, x0, depth) -> float:
+def _adjoint_gradient_error(field, knots, x0, depth, method="adjoint") -> float:
     grads = {}
-    for m in ("backprop", "adjoint"):
+    for m in ("backprop", method):
         curve = Curve({k: v.clone() for k, v in knots.items()}, "cubic")
         integrate(field, x0, curve, "euler", depth, m).square().sum().backward()
         grads[m] = torch.cat([p.grad.reshape(-1) for p in curve.parameters()])
-    return float((grads["adjoint"] - grads["backprop"]).norm() / grads["backprop"].norm())
+    return float((grads[method] - grads["backprop"]).norm() / grads["backprop"].norm())
 
 
 def test_adjoint_through_projected_steps():
@@ -148,6 +148,8 @@ def test_adjoint_through_projected_steps():
     assert (y > 0).all()  # the projection is inactive on this path
     errors = [_adjoint_gradient_error(field, knots, x0, d) for d in depths]
     assert fitted_slope(depths, errors) < -0.9, errors
+    fast = [_adjoint_gradient_error(field, knots, x0, d, "adjoint_fast") for d in depths]
+    assert fitted_slope(depths, fast) < -1.5, fast  # its second-order reconstruction, through the projection
     field, knots, x0 = _projected_problem(0.5)
     assert (integrate(field, x0, Curve(knots, "cubic"), "euler", 64) == 0).any()  # it clips
     recon = [reconstruction_error(field, x0, Curve(knots, "cubic"), "euler", d) for d in depths]
