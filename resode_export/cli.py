@@ -23,8 +23,8 @@ from .curves import INTERPOLATIONS
 from .data import DATASETS
 from .errors import ResodeError, check_choice
 from .fields import ACTIVATIONS, BN_FORMS
-from .importers.torchvision import SOURCES
 from .gradients import GRADIENTS, compatible
+from .importers.torchvision import SOURCES
 from .io import check_output_path
 from .network import ARCHS, INITS, MAX_DEPTH, check_depth
 from .schemes import SCHEMES
@@ -483,9 +483,10 @@ def inspect(
     result = {"model": str(path), **inspect_model(net, x, tolerance)}
     if _import_record(header):
         result["note"] = (
-            f"imported ({_import_record(header).get('layout', 'a torchvision-style ResNet')}): ResNets trained as ResNets are usually rough in depth "
-            "(Sander et al. 2022), their blocks unrelated steps of no single ODE, so expect 'not ODE-like'; to make "
-            "one re-discretizable, convert it with --interp smooth and fine-tune it (resode train MODEL)")
+            f"imported ({_import_record(header).get('layout', 'a torchvision-style ResNet')}): ResNets trained as "
+            "ResNets are usually rough in depth (Sander et al. 2022), their blocks unrelated steps of no single "
+            "ODE, so expect 'not ODE-like'; to make one re-discretizable, convert it with --interp smooth and "
+            "fine-tune it (resode train MODEL)")
     result["seconds"] = round(time.perf_counter() - start, 3)
     if as_json:
         print(json.dumps(result))

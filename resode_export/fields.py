@@ -206,7 +206,7 @@ class ResBlockField(Field):
     def init(self, generator=None):
         theta = {}
         convs = self.convs()
-        for i, (shape, _, groups) in enumerate(convs, start=1):
+        for i, (shape, _, _) in enumerate(convs, start=1):
             fan_in = shape[1] * shape[2] * shape[3]
             last = i == len(convs)
             theta[f"w{i}"] = (torch.zeros(shape, dtype=torch.float64) if last and self.bn == "fold"

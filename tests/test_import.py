@@ -11,14 +11,20 @@ import pytest
 import torch
 
 from resode_export.convert import load_model
+from resode_export.curves import Curve
 from resode_export.errors import ResodeError
 from resode_export.fields import ResBlockField
 from resode_export.gradients import integrate, reconstruction_error
-from resode_export.network import ODEBlock
-from resode_export.curves import Curve
-from resode_export.importers.torchvision import (check_preset, detect_layout, expected_shapes, import_resnet,
-                                                read_state_dict, reference_forward)
+from resode_export.importers.torchvision import (
+    check_preset,
+    detect_layout,
+    expected_shapes,
+    import_resnet,
+    read_state_dict,
+    reference_forward,
+)
 from resode_export.io import load_checkpoint
+from resode_export.network import ODEBlock
 
 from .helpers import fitted_slope, run_cli
 from .tv_models import Bottleneck, ResNet, randomize_bn, resnet18, resnet50

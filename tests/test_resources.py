@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from resode_export.convert import load_model
 from resode_export.errors import ResodeError
