@@ -59,8 +59,9 @@ FromOpt = Annotated[SourceName, typer.Option(
     "--from", help="Imports: the architecture the state dict must be (auto: recognize it from the keys).")]
 InputSizeOpt = Annotated[Optional[str], typer.Option(
     help="Imports: input height[,width] in pixels the model is meant for.  [default: 224]", show_default=False)]
-BnOpt = Annotated[BnName, typer.Option(
-    "--bn", help="Imports: BatchNorm folded into the convs, or kept frozen as scale and shift (trainable).")]
+BnOpt = Annotated[Optional[BnName], typer.Option(
+    "--bn", help="Imports: BatchNorm folded into the convs, or kept frozen as scale and shift (trainable).  "
+                 "[default: fold; frozen for train]", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 
 
@@ -119,7 +120,7 @@ def convert(
         show_default=False)] = None,
     source_arch: FromOpt = SourceName.auto,
     input_size: InputSizeOpt = None,
-    bn: BnOpt = BnName.fold,
+    bn: BnOpt = None,
     as_json: JsonOpt = False,
 ):
     """Import a ResNet or re-discretize a model at another depth, scheme or interpolation; measure what changes."""
@@ -131,7 +132,7 @@ def convert(
     start = time.perf_counter()
     if out is not None:
         check_output_path(out)
-    source, header, path = load_model(model, source_arch.value, parse_input_size(input_size), bn.value)
+    source, header, path = load_model(model, source_arch.value, parse_input_size(input_size), bn and bn.value)
     depths = parse_depths(depth, depth_scale, source.config.depths)
     new_scheme = scheme.value if scheme else source.config.scheme
     imported = _import_record(header)
@@ -155,7 +156,7 @@ def convert(
         result["imported"] = imported
     if out is not None:
         info = {k: v for k, v in header.items() if k not in ("format_version", "config")}
-        if data is not None and "data" not in info:
+        if data is not None:  # the metrics below were measured on it
             info["data"] = data.describe()
         info["converted_from"] = {"path": str(path), "depths": list(src_cfg.depths), "scheme": src_cfg.scheme,
                                   "interp": src_cfg.interp}
@@ -236,7 +237,7 @@ def train(
     as_json: JsonOpt = False,
 ):
     """Train an ODENet (from a smooth-in-depth start) or fine-tune a checkpoint."""
-    from .convert import dataset_for, fit_input, load_model, parse_depths
+    from .convert import dataset_for, fit_input, is_foreign, load_model, parse_depths, resolve_model
     from .data import load_data
     from .io import check_output_path, load_checkpoint, save_checkpoint
     from .network import ODENet, ODENetConfig
@@ -260,7 +261,7 @@ def train(
         net, header = load_checkpoint(out)
         dataset = load_data(data, data_dir) if data else dataset_for(header)
     elif model is not None:  # fine-tuning; an imported ResNet keeps BatchNorm as a trainable frozen affine
-        net, header, _ = load_model(model, bn="frozen")
+        net, header, _ = load_model(model, bn="frozen" if is_foreign(resolve_model(model)) else None)
         dataset = load_data(data, data_dir) if data else dataset_for(header)
         net = fit_input(net, dataset)
         depths = parse_depths(depth, None, net.config.depths)
@@ -336,7 +337,7 @@ def export(
     out: Annotated[Optional[Path], typer.Option(help="Output file. Default: <model>-<depth>-<scheme>.<ext> here.")] = None,
     source_arch: FromOpt = SourceName.auto,
     input_size: InputSizeOpt = None,
-    bn: BnOpt = BnName.fold,
+    bn: BnOpt = None,
     as_json: JsonOpt = False,
 ):
     """Export a model to ONNX, TorchScript or torch.export, verified against PyTorch before it is written."""
@@ -348,7 +349,7 @@ def export(
         check_output_path(out)
     if dynamic_depth and (depth is not None or depth_scale is not None):
         raise ResodeError("--dynamic-depth takes the depth at run time (input 'depth'); drop --depth/--depth-scale")
-    source, header, path = load_model(model, source_arch.value, parse_input_size(input_size), bn.value)
+    source, header, path = load_model(model, source_arch.value, parse_input_size(input_size), bn and bn.value)
     new_scheme = scheme.value if scheme else source.config.scheme
     fits = None if dynamic_depth else (lambda d: check_static_export(source, d, new_scheme))
     depths = parse_depths(depth, depth_scale, source.config.depths, fits)
@@ -458,7 +459,7 @@ def inspect(
     tolerance: Annotated[float, typer.Option(
         help="Relative logit deviation from the limit ODE that a re-discretization may have.")] = 0.05,
     input_size: InputSizeOpt = None,
-    bn: BnOpt = BnName.fold,
+    bn: BnOpt = None,
     as_json: JsonOpt = False,
 ):
     """Is this ResNet ODE-like? Smoothness in depth, distance to its limit ODE, convergence, safe depths."""
@@ -469,7 +470,7 @@ def inspect(
     start = time.perf_counter()
     if not tolerance > 0 or tolerance != tolerance:
         raise ResodeError(f"--tolerance must be a positive number, got {tolerance}")
-    net, header, path = load_model(model, input_size=parse_input_size(input_size), bn=bn.value)
+    net, header, path = load_model(model, input_size=parse_input_size(input_size), bn=bn and bn.value)
     if data or not _import_record(header):
         dataset = load_data(data) if data else dataset_for(header)
         net = fit_input(net, dataset)

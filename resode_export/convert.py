@@ -38,13 +38,15 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
 
 FOREIGN_SUFFIXES = (".pt", ".pth", ".bin")
 IMPORT_PROBES = 4  # random inputs on which an import is compared with the original network
+PROBE_SIZE = 64  # at most this many pixels a side: a ResNet runs at any size, and the comparison needs no more
 
 
 def is_foreign(path: Path) -> bool:
     """A state dict for an importer: ``.pt``/``.pth``, or a safetensors file without resode metadata."""
-    if path.suffix in FOREIGN_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix in FOREIGN_SUFFIXES:
         return True
-    if path.suffix != ".safetensors" or not path.is_file():
+    if suffix != ".safetensors" or not path.is_file():
         return False
     from safetensors import safe_open
 
@@ -84,28 +86,33 @@ def import_model(path: Path, source: str = "auto", input_size: tuple[int, int] |
     check_preset(layout, source)
     size = input_size or (224, 224)
     net = import_resnet(sd, layout, size, bn=bn)
-    x = torch.randn(IMPORT_PROBES, layout.in_channels, *size, generator=torch.Generator().manual_seed(0))
+    probe = tuple(min(s, PROBE_SIZE) for s in size)
+    x = torch.randn(IMPORT_PROBES, layout.in_channels, *probe, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         dev = relative_deviation(net(x), reference_forward(sd, layout, x))
+    if not torch.isfinite(dev).all():
+        raise ResodeError(f"{str(path)!r}: the imported network's outputs are not finite on random inputs "
+                          "(its weights or BatchNorm statistics overflow); restore the file")
     header = {"imported": {"format": "torchvision", "path": str(path), "layout": layout.describe(),
                            "blocks": list(layout.blocks), "bn": bn, "bn_eps": BN_EPS,
-                           "max_rel_deviation": float(dev.max()), "probe": f"{IMPORT_PROBES} random normal inputs"}}
+                           "max_rel_deviation": float(dev.max()),
+                           "probe": f"{IMPORT_PROBES} random normal inputs of {probe[0]}×{probe[1]} pixels"}}
     return net, header
 
 
 def load_model(model: str | os.PathLike | None, source: str = "auto", input_size: tuple[int, int] | None = None,
-               bn: str = "fold") -> tuple[ODENet, dict, Path]:
+               bn: str | None = None) -> tuple[ODENet, dict, Path]:
     """A resode checkpoint, a shipped model's name, or a torchvision-style ResNet file (imported).
 
     ``source``, ``input_size`` and ``bn`` apply to imports only (``--from``, ``--input-size``, ``--bn``).
     """
     path = resolve_model(model)
     if is_foreign(path):
-        net, header = import_model(path, source, input_size, bn)
+        net, header = import_model(path, source, input_size, bn or "fold")
         return net, header, path
-    if source != "auto" or input_size is not None:
-        raise ResodeError(f"--from and --input-size apply to torchvision-style state dicts (.pth/.pt); {str(path)!r} "
-                          "is a resode checkpoint")
+    if source != "auto" or input_size is not None or bn is not None:
+        raise ResodeError(f"--from, --input-size and --bn apply to torchvision-style state dicts (.pth/.pt); "
+                          f"{str(path)!r} is a resode checkpoint")
     net, header = load_checkpoint(path)
     return net, header, path
 

@@ -176,12 +176,12 @@ class ResBlockField(Field):
     projection: ClassVar[str | None] = "relu"
     channels: int
     inner: int
-    kind: str = "basic"
+    block: str = "basic"  # not "kind": Field.config() stores the field's name under that key
     cardinality: int = 1
     bn: str = "fold"
 
     def __post_init__(self):
-        check_choice("block", self.kind, dict.fromkeys(BLOCK_KINDS))
+        check_choice("block", self.block, dict.fromkeys(BLOCK_KINDS))
         check_choice("BatchNorm form", self.bn, dict.fromkeys(BN_FORMS))
         if self.inner % self.cardinality:
             raise ValueError(f"inner width {self.inner} must be a multiple of the cardinality {self.cardinality}")
@@ -189,7 +189,7 @@ class ResBlockField(Field):
     def convs(self) -> list[tuple[tuple[int, ...], int, int]]:
         """(weight shape, padding, groups) of each convolution."""
         c, m = self.channels, self.inner
-        if self.kind == "basic":
+        if self.block == "basic":
             return [((m, c, 3, 3), 1, 1), ((c, m, 3, 3), 1, 1)]
         return [((m, c, 1, 1), 0, 1), ((m, m // self.cardinality, 3, 3), 1, self.cardinality), ((c, m, 1, 1), 0, 1)]
 

@@ -46,7 +46,8 @@ from torch.utils.checkpoint import checkpoint
 from .curves import Curve, sparse_weights
 from .errors import ResodeError, check_choice
 from .fields import Field, Theta
-from .schemes import ButcherTableau, ReversibleHeun, get_scheme, reversible_heun_step, rk_step, solve, stage_grid
+from .schemes import (ButcherTableau, ReversibleHeun, check_field_scheme, get_scheme, reversible_heun_step, rk_step,
+                      solve, stage_grid)
 
 
 @lru_cache(maxsize=64)
@@ -372,6 +373,7 @@ def check_compatible(grad: str, scheme: str) -> None:
 def _custom(method):
     def run(field, x, curve, scheme, depth, monitor=None):
         check_compatible(method, scheme)
+        check_field_scheme(field, scheme)
         knots = list(curve.knots.values())
         if not torch.is_grad_enabled() or not (x.requires_grad or any(k.requires_grad for k in knots)):
             return _backprop(field, x, curve, scheme, depth)  # nothing to differentiate: save nothing

@@ -14,7 +14,7 @@ from resode_export.convert import load_model
 from resode_export.curves import Curve
 from resode_export.errors import ResodeError
 from resode_export.fields import ResBlockField
-from resode_export.gradients import integrate, reconstruction_error
+from resode_export.gradients import ReconstructionMonitor, integrate, reconstruction_error
 from resode_export.importers.torchvision import (
     check_preset,
     detect_layout,
@@ -165,10 +165,40 @@ def test_adjoint_through_projected_steps():
     assert block.monitor.switched_at == 1 and block.monitor.method == "symplectic"
 
 
+@pytest.mark.parametrize("method", ["adjoint", "adjoint_fast", "auto", "symplectic"])
+def test_projected_adjoints_are_exact_where_the_reconstruction_is(method):
+    """A branch that does not depend on x (w1 = w2 = 0: F = b2 > 0) is reversed exactly, even through the projection,
+    and states that start at 0 become positive: the ReLU mask of each step must come from its output (from its input
+    it would zero step 0's gradient on those coordinates). Every adjoint then equals backprop to rounding."""
+    field = ResBlockField(4, 4, "basic")
+    gen = torch.Generator().manual_seed(3)
+    knots = {k: 0.3 * torch.randn(4, *v, generator=gen, dtype=torch.float64) for k, v in field.param_shapes().items()}
+    knots["w1"].zero_()
+    knots["w2"].zero_()
+    # dyadic values and h = 1/4: every step and its reversal are exact, so states at 0 reconstruct to exactly 0;
+    # F constant in t, so adjoint_fast's extrapolation F_{n-1} = 2F_n - F_{n+1} is exact too
+    knots["b2"] = (torch.randint(1, 8, (4,), generator=gen).double() / 8).expand(4, 4).clone()
+    x0 = torch.randint(0, 8, (2, 4, 3, 3), generator=gen).double() / 8
+    x0[:, :2] = 0.0  # on the boundary of the projection's range
+    grads = {}
+    for m in ("backprop", method):
+        curve = Curve({k: v.clone() for k, v in knots.items()}, "linear")
+        x = x0.clone().requires_grad_(True)
+        y = integrate(field, x, curve, "euler", 4, m, ReconstructionMonitor() if m == "auto" else None)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape)).sum().backward()
+        grads[m] = [x.grad] + [p.grad for p in curve.parameters()]
+    assert float(grads["backprop"][-1].abs().max()) > 0  # b2 gets a gradient
+    for a, b in zip(grads["backprop"], grads[method]):
+        assert float((a - b).abs().max()) <= 1e-12 * max(1.0, float(a.abs().max()))
+
+
 def test_reversible_scheme_refused_for_projected_blocks():
     model = import_resnet(small("resnet18").state_dict(), input_size=SIZE)
     with pytest.raises(ResodeError, match="projection cannot be undone"):
         model.discretize(scheme="reversible_heun", grad="reversible")
+    block = model.blocks[0]
+    with pytest.raises(ResodeError, match="projection cannot be undone"):  # the functional API too
+        integrate(block.field, torch.rand(1, 8, 8, 8), block.curve, "reversible_heun", 2, "reversible")
 
 
 def test_rediscretized_import_converges_in_depth():
@@ -190,12 +220,15 @@ def test_rediscretized_import_converges_in_depth():
 # --- files and errors ----------------------------------------------------------------------------
 
 
-def test_read_wrapped_and_prefixed(tmp_path):
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.module."])
+def test_read_wrapped_and_prefixed(tmp_path, prefix):
     sd = small("resnet18").state_dict()
-    path = tmp_path / "ckpt.pth"
-    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    path = tmp_path / "ckpt.PTH"  # any case
+    torch.save({"epoch": 3, "state_dict": {f"{prefix}{k}": v for k, v in sd.items()}}, path)
     read = read_state_dict(path)
     assert set(read) == set(sd) and all(torch.equal(read[k], sd[k]) for k in sd)
+    model, header, _ = load_model(str(path), input_size=SIZE)
+    assert header["imported"]["blocks"] == [2, 2, 2, 2]
 
 
 def test_pickle_payload_refused_and_never_run(tmp_path):
@@ -234,6 +267,10 @@ BAD_LAYOUTS = {
     "gap in stages": (lambda sd: [sd.pop(k) for k in [k for k in sd if k.startswith("layer2.")]],
                       "layer1..layerN"),
     "nan weights": (lambda sd: sd["layer1.1.conv1.weight"].fill_(float("nan")), "NaN"),
+    "integer weights": (lambda sd: sd.update({"layer1.1.conv1.weight": sd["layer1.1.conv1.weight"].long()}),
+                        "torch.int64 values in layer1.1.conv1.weight"),
+    "scalar classifier": (lambda sd: sd.update({"fc.weight": torch.tensor(1.0)}), "fc.weight has shape ()"),
+    "negative variance": (lambda sd: sd["layer2.1.bn1.running_var"].fill_(-1.0), "layer2.1.bn1.running_var holds"),
 }
 
 
@@ -254,6 +291,8 @@ def test_from_preset_mismatch_and_options_for_resode_checkpoints(capsys, tmp_pat
     code, _, err = run_cli(capsys, "convert", path, "--input-size", "0")
     assert code == 2 and "--input-size" in err
     code, _, err = run_cli(capsys, "convert", "digits-mlp", "--from", "resnet18")
+    assert code == 2 and "apply to torchvision-style state dicts" in err
+    code, _, err = run_cli(capsys, "export", "digits-mlp", "--bn", "frozen")
     assert code == 2 and "apply to torchvision-style state dicts" in err
 
 
@@ -283,7 +322,12 @@ def test_convert_imports_and_records_the_round_trip(capsys, tmp_path, r50_file):
         assert float((model(x) - net(x)).abs().max() / net(x).abs().max()) < 1e-5
     # re-discretized: another depth and scheme, the same curve
     code, stdout, err = run_cli(capsys, "convert", out, "--depth", "8", "--scheme", "heun", "--json")
-    assert code == 0 and 0 < json.loads(stdout)["max_rel_deviation"] < 10
+    assert code == 0, err
+    with torch.no_grad():
+        want = model.discretize(depth=8, scheme="heun")(x)
+        got = model(x)
+    expected = float(((want - got).norm(dim=1) / got.norm(dim=1).clamp_min(1e-12)).max())
+    assert 0 < expected and json.loads(stdout)["max_rel_deviation"] > 0
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

@@ -159,6 +159,10 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
     out = check_output_path(out)
     if fmt == "onnx":
         require_onnx()
+    if dynamic_depth and len(set(model.config.depths)) > 1:
+        print(f"note: the dynamic-depth graph runs every stage at the one depth given at run time; this model's "
+              f"stages have depths {list(model.config.depths)}, so no single depth reproduces it (a static export "
+              "does)", file=sys.stderr)
     if not dynamic_depth:
         from ..resources import check_static_export
 

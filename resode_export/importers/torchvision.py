@@ -105,6 +105,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
+            if "Unsupported global" not in str(exc) and "Unsupported operand" not in str(exc):
+                raise ResodeError(f"{str(path)!r} is not a readable torch.save file (truncated or corrupt?): "
+                                  f"{_fix_text(exc)[:120]}") from None
             raise ResodeError(
                 f"{str(path)!r} holds pickled objects other than tensors, and resode loads .pt/.pth files only with "
                 "torch.load(weights_only=True), which never runs their code; save the weights alone with "
@@ -122,9 +125,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     tensors = {str(k): v for k, v in loaded.items() if isinstance(v, Tensor)}
     if not tensors:
         raise ResodeError(f"{str(path)!r} holds no tensors; give a model's state_dict()")
-    for prefix in PREFIXES:
-        if all(k.startswith(prefix) for k in tensors):
-            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+    stripped = True
+    while stripped:  # nested wrappers: _orig_mod.module.conv1.weight
+        stripped = False
+        for prefix in PREFIXES:
+            if all(k.startswith(prefix) for k in tensors):
+                tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+                stripped = True
     return tensors
 
 
@@ -163,6 +170,8 @@ def detect_layout(sd: dict[str, Tensor]) -> Layout:
         if idx != list(range(len(idx))):
             raise ResodeError(f"layer{s} has blocks {idx}; expected 0..{len(idx) - 1}")
         counts.append(len(idx))
+    if len(fc) != 2 or min(fc) < 1:
+        raise ResodeError(f"fc.weight has shape {fc}; a ResNet's classifier is a (classes, features) matrix")
     if len(stem) != 4 or stem[2:] != (7, 7):
         raise ResodeError(f"conv1.weight has shape {stem}; the torchvision stem is a 7×7 conv (deep stems such as "
                           "timm's resnet50d are not supported)")
@@ -239,9 +248,16 @@ def _check_keys(sd: dict[str, Tensor], layout: Layout) -> None:
             k = wrong[0]
             parts.append(f"{len(wrong)} tensors of the wrong shape ({k}: {have[k]}, expected {want[k]})")
         raise ResodeError(f"the state dict does not fit a {layout.describe()}: " + "; ".join(parts))
+    typed = [k for k, v in sd.items() if not k.endswith("num_batches_tracked") and not v.is_floating_point()]
+    if typed:
+        raise ResodeError(f"the state dict holds {sd[typed[0]].dtype} values in {typed[0]}, where a ResNet has "
+                          "floating-point weights; restore the file")
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ResodeError(f"the state dict holds NaN or infinite values in {bad[0]}; restore the file")
+    negative = [k for k, v in sd.items() if k.endswith("running_var") and bool((v.double() + BN_EPS <= 0).any())]
+    if negative:
+        raise ResodeError(f"{negative[0]} holds variances at or below -eps: not BatchNorm statistics; restore the file")
 
 
 def check_preset(layout: Layout, source: str) -> None:
