@@ -231,6 +231,15 @@ def test_read_wrapped_and_prefixed(tmp_path, prefix):
     assert header["imported"]["blocks"] == [2, 2, 2, 2]
 
 
+def test_torchscript_archive_is_not_a_state_dict(capsys, tmp_path, r50_file):
+    path, _ = r50_file
+    ts = tmp_path / "r50.pt"
+    code, _, err = run_cli(capsys, "export", path, "--input-size", "32", "--format", "torchscript", "--out", ts)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "convert", ts)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "TorchScript archive" in err, err
+
+
 def test_pickle_payload_refused_and_never_run(tmp_path):
     marker = tmp_path / "pwned"
 

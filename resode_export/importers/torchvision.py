@@ -89,6 +89,15 @@ def _fix_text(exc: Exception) -> str:
     return " ".join(str(exc).split())[:200]
 
 
+def _is_torchscript(path: Path) -> bool:
+    """torch.jit.save archives hold compiled code (``code/``) and ``constants.pkl``; torch.save files do not."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """The tensors of a ``.pt``/``.pth`` (``torch.load(weights_only=True)``) or foreign ``.safetensors`` file.
 
@@ -102,6 +111,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         loaded: object = read_safetensors(path)[0]
     else:
+        if _is_torchscript(path):
+            raise ResodeError(f"{str(path)!r} is a TorchScript archive (torch.jit.save, or resode export --format "
+                              "torchscript), not a state dict; give the model's state_dict() saved with torch.save")
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
