@@ -482,3 +482,21 @@ def test_check_an_import_on_data(capsys, tmp_path):
     with torch.no_grad():
         want = float((net(x).argmax(1) == torch.from_numpy(np.load(tmp_path / "quadrants.npz")["y_test"])).double().mean())
     assert json.loads(stdout)["source_accuracy"] == pytest.approx(want)  # native depth 2 = the original network
+
+
+def test_corrupt_pickle_inside_a_torch_file(capsys, tmp_path):
+    """A torch.save archive whose pickle is damaged is called corrupt, not 'objects other than tensors'."""
+    import zipfile
+
+    good = tmp_path / "good.pth"
+    torch.save(small("resnet18").state_dict(), good)
+    with zipfile.ZipFile(good) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    name = next(n for n in files if n.endswith("data.pkl"))
+    files[name] = files[name][:5] + b"\xff\xfe" + files[name][7:]
+    bad = tmp_path / "bad.pth"
+    with zipfile.ZipFile(bad, "w") as z:
+        for n, d in files.items():
+            z.writestr(n, d)
+    code, _, err = run_cli(capsys, "convert", bad)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "truncated or corrupt" in err, err

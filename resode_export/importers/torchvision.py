@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,11 +116,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             raise ResodeError(f"{str(path)!r} is a TorchScript archive (torch.jit.save, or resode export --format "
                               "torchscript), not a state dict; give the model's state_dict() saved with torch.save")
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says it all
+                warnings.simplefilter("ignore")
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            if "Unsupported global" not in str(exc) and "Unsupported operand" not in str(exc):
-                raise ResodeError(f"{str(path)!r} is not a readable torch.save file (truncated or corrupt?): "
-                                  f"{_fix_text(exc)[:120]}") from None
+            if not any(w in str(exc) for w in ("GLOBAL", "global", "Unsupported class", "reduce", "REDUCE")):
+                raise ResodeError(f"{str(path)!r} is not a readable torch.save file (truncated or corrupt?); save the "
+                                  "weights again with torch.save(model.state_dict(), ...)") from None
             raise ResodeError(
                 f"{str(path)!r} holds pickled objects other than tensors, and resode loads .pt/.pth files only with "
                 "torch.load(weights_only=True), which never runs their code; save the weights alone with "
