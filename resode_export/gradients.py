@@ -46,8 +46,16 @@ from torch.utils.checkpoint import checkpoint
 from .curves import Curve, sparse_weights
 from .errors import ResodeError, check_choice
 from .fields import Field, Theta
-from .schemes import (ButcherTableau, ReversibleHeun, check_field_scheme, get_scheme, reversible_heun_step, rk_step,
-                      solve, stage_grid)
+from .schemes import (
+    ButcherTableau,
+    ReversibleHeun,
+    check_field_scheme,
+    get_scheme,
+    reversible_heun_step,
+    rk_step,
+    solve,
+    stage_grid,
+)
 
 
 @lru_cache(maxsize=64)

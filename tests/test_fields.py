@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from resode_export.errors import ResodeError
-from resode_export.fields import ResBlockField, ACTIVATIONS, FIELDS, ConvField, LinearField, MLPField, make_field
+from resode_export.fields import ACTIVATIONS, FIELDS, ConvField, LinearField, MLPField, ResBlockField, make_field
 
 CASES = [(MLPField(5, 7, "gelu"), (4, 5)), (ConvField(8, 4, "relu"), (4, 8, 6, 6)), (LinearField(5), (4, 5)),
          (ResBlockField(8, 4, "bottleneck", 2, "fold"), (2, 8, 5, 5)), (ResBlockField(6, 6, "basic", 1, "frozen"), (2, 6, 4, 4))]

@@ -336,7 +336,7 @@ def test_convert_imports_and_records_the_round_trip(capsys, tmp_path, r50_file):
         want = model.discretize(depth=8, scheme="heun")(x)
         got = model(x)
     expected = float(((want - got).norm(dim=1) / got.norm(dim=1).clamp_min(1e-12)).max())
-    assert 0 < expected and json.loads(stdout)["max_rel_deviation"] > 0
+    assert expected > 0 and json.loads(stdout)["max_rel_deviation"] > 0
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
