@@ -125,7 +125,8 @@ def inspect_model(model: ODENet, x: Tensor, tolerance: float = 0.05, max_depth: 
         scales = [s for s in (0.25, 0.5, 1, 2) if base * s >= 1]
         depths = [tuple(max(1, round(d * s)) for d in native) for s in scales]
         errors = [_deviation(model.discretize(depth=d, scheme=scheme, grad="backprop"), x, reference) for d in depths]
-        slope = _fitted_slope([d[0] for d in depths], errors)
+        # the depth of a row: the geometric mean of its stages' (rounded) depths, not stage 0's alone
+        slope = _fitted_slope([math.exp(np.mean(np.log(d))) for d in depths], errors)
         orders[scheme] = None if slope is None else -slope
     limit = max_depth or 4 * max(native)
     min_depth: dict[str, int | None] = {}
