@@ -466,6 +466,7 @@ def inspect(
     from .convert import dataset_for, fit_input, load_model, parse_input_size, probe_inputs
     from .data import load_data
     from .diagnose import inspect_model
+    from .evaluate import progress_bar
 
     start = time.perf_counter()
     if not tolerance > 0 or tolerance != tolerance:
@@ -481,7 +482,8 @@ def inspect(
               "(give --data for real ones)", file=sys.stderr)
     if tuple(x.shape[1:]) != tuple(net.config.in_shape):
         raise ResodeError(f"test data has samples of shape {tuple(x.shape[1:])}, the model expects {net.config.in_shape}")
-    result = {"model": str(path), **inspect_model(net, x, tolerance)}
+    with progress_bar() as bar:
+        result = {"model": str(path), **inspect_model(net, x, tolerance, progress=bar)}
     if _import_record(header):
         result["note"] = (
             f"imported ({_import_record(header).get('layout', 'a torchvision-style ResNet')}): ResNets trained as "

@@ -97,19 +97,34 @@ def _fitted_slope(depths, errors) -> float | None:
     return float(np.polyfit(xs, ys, 1)[0])
 
 
-def inspect_model(model: ODENet, x: Tensor, tolerance: float = 0.05, max_depth: int | None = None) -> dict:
-    """The report of ``resode inspect`` on inputs x (a batch of the model's test data)."""
+def inspect_model(model: ODENet, x: Tensor, tolerance: float = 0.05, max_depth: int | None = None,
+                  progress=None) -> dict:
+    """The report of ``resode inspect`` on inputs x (a batch of the model's test data).
+
+    ``progress``: a rich Progress to advance, one unit per solve of the model (the reference, each stage's
+    trajectories, each re-discretization).
+    """
     if not tolerance > 0:
         raise ResodeError(f"--tolerance must be positive, got {tolerance}")
     model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its dtype, device and mode
     x = x.float().cpu()
     native = model.config.depths
+    base = max(1, min(native))
+    limit = max_depth or 4 * max(native)
+    sweeps = len(SCHEMES) * (int(math.log2(limit)) + 1)
+    task = progress.add_task("inspecting", total=1 + len(model.blocks) + 8 + sweeps) if progress else None
+
+    def advance():
+        if progress:
+            progress.advance(task)
+
     ref_model = model.discretize(depth=tuple(REFERENCE_FACTOR * d for d in native), scheme=REFERENCE_SCHEME,
                                  grad="backprop")
     if max(ref_model.config.depths) > MAX_DEPTH:
         raise ResodeError(f"the reference needs depth {max(ref_model.config.depths)}, above {MAX_DEPTH}")
     with torch.no_grad():
         reference = ref_model(x)
+    advance()
     stages = []
     with torch.no_grad():
         inputs = model.block_inputs(x)
@@ -118,17 +133,19 @@ def inspect_model(model: ODENet, x: Tensor, tolerance: float = 0.05, max_depth: 
                        "interp": block.curve.interp,
                        "parameters": sum(p.numel() for p in block.parameters()), **smoothness(block),
                        "distance_to_limit_ode": trajectory_distance(block, xin)})
+        advance()
     # convergence order under re-discretization: logits against the reference, depths around the native one
-    base = max(1, min(native))
     orders = {}
     for scheme in ("euler", "heun"):
         scales = [s for s in (0.25, 0.5, 1, 2) if base * s >= 1]
         depths = [tuple(max(1, round(d * s)) for d in native) for s in scales]
-        errors = [_deviation(model.discretize(depth=d, scheme=scheme, grad="backprop"), x, reference) for d in depths]
+        errors = []
+        for d in depths:
+            errors.append(_deviation(model.discretize(depth=d, scheme=scheme, grad="backprop"), x, reference))
+            advance()
         # the depth of a row: the geometric mean of its stages' (rounded) depths, not stage 0's alone
         slope = _fitted_slope([math.exp(np.mean(np.log(d))) for d in depths], errors)
         orders[scheme] = None if slope is None else -slope
-    limit = max_depth or 4 * max(native)
     min_depth: dict[str, int | None] = {}
     deviations: dict[str, dict[int, float]] = {}
     for scheme in SCHEMES:
@@ -136,12 +153,15 @@ def inspect_model(model: ODENet, x: Tensor, tolerance: float = 0.05, max_depth: 
         depth = 1
         while depth <= limit:
             dev = _deviation(model.discretize(depth=depth, scheme=scheme, grad="backprop"), x, reference)
+            advance()
             deviations[scheme][depth] = dev
             if dev <= tolerance:
                 min_depth[scheme] = depth
                 break
             depth *= 2
     native_dev = _deviation(model, x, reference)
+    if progress:
+        progress.remove_task(task)
     rough = [s for s in stages if s["max_relative_jump"] > MAX_JUMP]
     far = [s for s in stages if s["distance_to_limit_ode"] > MAX_DISTANCE]
     ode_like = not rough and not far

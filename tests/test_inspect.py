@@ -73,3 +73,30 @@ def test_cli_inspect_bad_input(capsys):
                           (["no-such-model"], "no-such-model"), (["--limit", "0"], "limit")):
         code, _, err = run_cli(capsys, "inspect", *args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_progress_counts_every_solve():
+    """inspect advances its progress bar once per solve: the reference, each stage, each re-discretization."""
+    from resode_export.convert import load_model
+    from resode_export.data import load_data
+
+    class Recorder:
+        def __init__(self):
+            self.total, self.done, self.removed = None, 0, False
+
+        def add_task(self, description, total):
+            self.total = total
+            return 0
+
+        def advance(self, task):
+            self.done += 1
+
+        def remove_task(self, task):
+            self.removed = True
+
+    model, _, _ = load_model("digits-mlp")
+    bar = Recorder()
+    result = inspect_model(model, load_data("digits").x_test[:32], progress=bar)
+    order_rows = 2 * len([s for s in (0.25, 0.5, 1, 2) if 32 * s >= 1])  # euler and heun around depth 32
+    sweeps = sum(len(v) for v in result["deviations"].values())
+    assert bar.done == 1 + len(result["stages"]) + order_rows + sweeps <= bar.total and bar.removed
