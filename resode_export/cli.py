@@ -310,7 +310,7 @@ def train(
     ])
 
 
-FormatName = Enum("FormatName", {k: k for k in ("onnx", "torchscript", "pt2")}, type=str)
+FormatName = Enum("FormatName", {k: k for k in ("onnx", "torchscript", "pt2", "torchvision")}, type=str)
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -326,7 +326,8 @@ def _int_list(text: str, what: str) -> list[int]:
 @app.command()
 def export(
     model: ModelArg = None,
-    fmt: Annotated[FormatName, typer.Option("--format", help="onnx, torchscript or pt2 (torch.export).")] = FormatName.onnx,
+    fmt: Annotated[FormatName, typer.Option("--format", help="onnx, torchscript, pt2 (torch.export), or torchvision "
+                                            "(a ResNet state dict .pth; imported models, Euler).")] = FormatName.onnx,
     depth: Annotated[Optional[str], typer.Option(
         help=f"Steps of every ODE block (1..{MAX_DEPTH}), or one per stage. Default: native.")] = None,
     depth_scale: Annotated[Optional[float], typer.Option(help="Multiply each block's native depth by this.")] = None,

@@ -500,3 +500,36 @@ def test_corrupt_pickle_inside_a_torch_file(capsys, tmp_path):
             z.writestr(n, d)
     code, _, err = run_cli(capsys, "convert", bad)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "truncated or corrupt" in err, err
+
+
+@pytest.mark.parametrize("bn", ["fold", "frozen"])
+def test_back_to_torchvision_at_any_depth(capsys, tmp_path, r50_file, bn):
+    """export --format torchvision: the model at depths M_s is torchvision's ResNet with 1 + M_s blocks per stage."""
+    path, net = r50_file
+    x = torch.randn(3, 3, 32, 32)
+    model, _, _ = load_model(str(path), input_size=(32, 32), bn=bn)
+    for args, blocks in ((["--depth-scale", "1"], [3, 4, 6, 3]), (["--depth-scale", "2"], [5, 7, 11, 5]),
+                         (["--depth", "1"], [2, 2, 2, 2])):
+        out = tmp_path / f"{bn}-{blocks[0]}.pth"
+        code, _, err = run_cli(capsys, "export", path, "--input-size", "32", "--bn", bn, "--format", "torchvision",
+                               *args, "--out", out)
+        assert code == 0, err
+        deeper = ResNet(Bottleneck, blocks, width=8).eval()
+        deeper.load_state_dict(torch.load(out, weights_only=True))  # strict: every key torchvision has
+        with torch.no_grad():
+            want = model.discretize(depth=tuple(b - 1 for b in blocks), scheme="euler")(x)
+            got = deeper(x)
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+        if blocks == [3, 4, 6, 3]:  # at the native depth: the original network
+            with torch.no_grad():
+                assert float((got - net(x)).abs().max() / net(x).abs().max()) < 1e-5
+
+
+def test_back_to_torchvision_needs_euler_and_a_resnet(capsys, tmp_path, r50_file):
+    path, _ = r50_file
+    code, _, err = run_cli(capsys, "export", path, "--input-size", "32", "--format", "torchvision", "--scheme", "heun",
+                           "--out", tmp_path / "x.pth")
+    assert code == 2 and "one Euler step" in err
+    code, _, err = run_cli(capsys, "export", "digits-mlp", "--format", "torchvision", "--out", tmp_path / "y.pth")
+    assert code == 2 and "imported models" in err
+    assert list(tmp_path.iterdir()) == []

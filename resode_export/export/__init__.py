@@ -27,7 +27,7 @@ from ..evaluate import predict, relative_deviation
 from ..io import _remove_stale_temporaries, check_output_path
 from ..network import ODENet
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", "torchvision": ".pth"}
 TOLERANCE = 1e-4  # max relative deviation from PyTorch (float32)
 DYNAMIC_CHECK_DEPTHS = (4, 16, 64, 256)
 PROTOBUF_LIMIT = 2**31 - 2**20  # one self-contained .onnx file below 2 GB; above, external data
@@ -85,6 +85,12 @@ def _runner(fmt: str, path: str):
     if fmt == "onnx":
         session = onnx_session(path)
         return lambda x, depth=None: torch.from_numpy(run_onnx(session, x.numpy(), depth))
+    if fmt == "torchvision":  # the state dict as torchvision runs it (an independent forward, BatchNorm in eval)
+        from ..importers.torchvision import detect_layout, reference_forward
+
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        layout = detect_layout(sd)
+        return lambda x, depth=None: reference_forward(sd, layout, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         module = torch.jit.load(path) if fmt == "torchscript" else torch.export.load(path).module()
@@ -159,6 +165,10 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
     out = check_output_path(out)
     if fmt == "onnx":
         require_onnx()
+    if fmt == "torchvision":
+        from .torchvision_format import check_exportable
+
+        check_exportable(model)
     if dynamic_depth and len(set(model.config.depths)) > 1:
         print(f"note: the dynamic-depth graph runs every stage at the one depth given at run time; this model's "
               f"stages have depths {list(model.config.depths)}, so no single depth reproduces it (a static export "
@@ -182,6 +192,10 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
 
             proto = (dynamic_graph if dynamic_depth else static_graph)(model, meta)
             external = data_file if _write_onnx(proto, tmp, data_file) else None
+        elif fmt == "torchvision":
+            from .torchvision_format import state_dict
+
+            torch.save(state_dict(model), tmp)
         elif fmt == "torchscript":
             from .torch_graph import torchscript
 
