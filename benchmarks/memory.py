@@ -25,8 +25,10 @@ from resode_export.network import ODENet, ODENetConfig
 ARCHS = {
     "mlp": dict(arch="mlp", in_shape=(64,), widths=(32,), hidden=64),
     "conv": dict(arch="conv", in_shape=(16, 16, 16), widths=(16,), groups=4, activation="relu"),
+    # an imported-style torchvision stage: relu-projected bottleneck blocks after a transition block
+    "resnet": dict(arch="resnet", in_shape=(3, 64, 64), widths=(32,), block="bottleneck", stem_width=16),
 }
-BATCH = {"mlp": 64, "conv": 16}
+BATCH = {"mlp": 64, "conv": 16, "resnet": 8}
 
 
 def saved_bytes(model: ODENet, x: torch.Tensor) -> tuple[int, float]:
@@ -50,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", default="8,32,128,512")
     parser.add_argument("--methods", default=",".join(GRADIENTS))
-    parser.add_argument("--archs", default="mlp,conv")
+    parser.add_argument("--archs", default="mlp,conv,resnet")
     parser.add_argument("--scheme", default="euler")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -62,6 +64,8 @@ def main() -> None:
             model = ODENet(config, init="iid")
             x = torch.randn(BATCH[arch], *config.in_shape)
             for method in args.methods.split(","):
+                if method == "reversible" and arch == "resnet":
+                    continue  # the relu projection cannot be undone: no reversible scheme for these blocks
                 scheme = "reversible_heun" if method == "reversible" else args.scheme
                 nbytes, seconds = saved_bytes(model.discretize(scheme=scheme, grad=method), x)
                 rows.append({"method": method, "arch": arch, "depth": depth, "scheme": scheme,
