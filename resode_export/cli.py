@@ -341,7 +341,7 @@ def export(
     bn: BnOpt = None,
     as_json: JsonOpt = False,
 ):
-    """Export a model to ONNX, TorchScript or torch.export, verified against PyTorch before it is written."""
+    """Export a model to ONNX, TorchScript, torch.export or torchvision, verified before it is written."""
     from .convert import dataset_for, load_model, parse_depths, parse_input_size
     from .export import FORMATS, export_model
     from .resources import check_static_export
@@ -474,7 +474,8 @@ def inspect(
     if not tolerance > 0 or tolerance != tolerance:
         raise ResodeError(f"--tolerance must be a positive number, got {tolerance}")
     net, header, path = load_model(model, input_size=parse_input_size(input_size), bn=bn and bn.value)
-    if data or not _import_record(header):
+    imported = _import_record(header)
+    if data or not imported:
         dataset = load_data(data) if data else dataset_for(header)
         net = fit_input(net, dataset)
         x = dataset.x_test[:limit]
@@ -486,9 +487,9 @@ def inspect(
         raise ResodeError(f"test data has samples of shape {tuple(x.shape[1:])}, the model expects {net.config.in_shape}")
     with progress_bar() as bar:
         result = {"model": str(path), **inspect_model(net, x, tolerance, progress=bar)}
-    if _import_record(header):
+    if imported:
         result["note"] = (
-            f"imported ({_import_record(header).get('layout', 'a torchvision-style ResNet')}): ResNets trained as "
+            f"imported ({imported.get('layout', 'a torchvision-style ResNet')}): ResNets trained as "
             "ResNets are usually rough in depth (Sander et al. 2022), their blocks unrelated steps of no single "
             "ODE, so expect 'not ODE-like'; to make one re-discretizable, convert it with --interp smooth and "
             "fine-tune it (resode train MODEL)")

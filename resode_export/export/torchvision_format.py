@@ -54,7 +54,6 @@ def state_dict(model: ODENet) -> dict[str, Tensor]:
     check_exportable(model)
     model = model.float().cpu()
     cfg = model.config
-    names = ("conv1", "conv2") if cfg.block == "basic" else ("conv1", "conv2", "conv3")
     sd: dict[str, Tensor] = {}
     with torch.no_grad():
         _conv_affine(sd, "conv1", "bn1", model.stem.conv)
@@ -66,10 +65,11 @@ def state_dict(model: ODENet) -> dict[str, Tensor]:
             depth = block.depth
             theta = block.curve.sample([n / depth for n in range(depth)])  # Euler: step n uses θ(n/M)
             h = 1.0 / depth
+            convs = len(block.field.convs())
             for n in range(depth):
                 p = f"layer{s}.{n + 1}"
-                for i, _ in enumerate(names, start=1):
-                    factor = h if i == len(names) else 1.0  # the step adds h·g: F = h·g
+                for i in range(1, convs + 1):
+                    factor = h if i == convs else 1.0  # the step adds h·g: F = h·g
                     sd[f"{p}.conv{i}.weight"] = (theta[f"w{i}"][n] * (factor if cfg.bn == "fold" else 1.0)).clone()
                     if cfg.bn == "fold":
                         _bn(sd, f"{p}.bn{i}", torch.ones(theta[f"w{i}"].shape[1]), factor * theta[f"b{i}"][n])

@@ -373,22 +373,22 @@ def import_resnet(sd: dict[str, Tensor], layout: Layout | None = None, input_siz
                           cardinality=layout.cardinality, stem_width=layout.stem_width, bn=bn, scheme="euler",
                           interp=interp, activation="relu")
     model = ODENet(config, init="smooth").to(dtype)
-    names = ("conv1", "conv2") if layout.block == "basic" else ("conv1", "conv2", "conv3")
     with torch.no_grad():
         _load_conv(model.stem.conv, _conv_params(sd, "conv1", "bn1", eps, bn))
         for s, transition in enumerate(model.transitions, start=1):
             p = f"layer{s}.0"
-            for i, conv in enumerate(names, start=1):
-                _load_conv(transition.convs[i - 1], _conv_params(sd, f"{p}.{conv}", f"{p}.bn{i}", eps, bn))
+            for i, conv in enumerate(transition.convs, start=1):
+                _load_conv(conv, _conv_params(sd, f"{p}.conv{i}", f"{p}.bn{i}", eps, bn))
             if transition.downsample is not None:
                 _load_conv(transition.downsample, _conv_params(sd, f"{p}.downsample.0", f"{p}.downsample.1", eps, bn))
         for s, (block, depth) in enumerate(zip(model.blocks, depths), start=1):
             knots: dict[str, list[Tensor]] = {}
+            convs = len(block.field.convs())
             for j in range(1, depth + 1):
                 p = f"layer{s}.{j}"
-                for i, conv in enumerate(names, start=1):
-                    factor = float(depth) if i == len(names) else 1.0  # h g = F with h = 1/N: g = N·F
-                    params = _conv_params(sd, f"{p}.{conv}", f"{p}.bn{i}", eps, bn, factor)
+                for i in range(1, convs + 1):
+                    factor = float(depth) if i == convs else 1.0  # h g = F with h = 1/N: g = N·F
+                    params = _conv_params(sd, f"{p}.conv{i}", f"{p}.bn{i}", eps, bn, factor)
                     keys = ("w", "b") if bn == "fold" else ("w", "s", "t")
                     for key, value in zip(keys, params):
                         knots.setdefault(f"{key}{i}", []).append(value)
