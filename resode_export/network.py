@@ -9,6 +9,7 @@ scheme and interpolation.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -63,11 +64,19 @@ class ODEBlock(nn.Module):
                 f"grad={self.grad!r}")
 
 
+class FlatLinear(nn.Linear):
+    """The mlp stem: a Linear layer on the flattened sample, so that an mlp takes images too
+    (Fashion-MNIST's (1, 28, 28) as 784 features). Its state-dict keys are Linear's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.flatten(1))
+
+
 @dataclass
 class ODENetConfig:
     """Everything needed to rebuild an ODENet; stored in every checkpoint."""
 
-    arch: str = "mlp"  # "mlp": vectors in, two-layer-perceptron fields; "conv": images, conv fields;
+    arch: str = "mlp"  # "mlp": vectors (or flattened images) in, two-layer-perceptron fields; "conv": images, conv fields;
     # "resnet": a torchvision-layout ResNet (stem → [transition block → ODE block] → head), see resnet.py
     in_shape: tuple[int, ...] = (64,)  # (features,) or (channels, height, width)
     num_classes: int = 10
@@ -120,9 +129,8 @@ class ODENetConfig:
             raise ResodeError(f"conv widths {list(self.widths)} must be multiples of groups ({self.groups})")
         for d in self.depths:
             check_depth(d)
-        expected = 1 if self.arch == "mlp" else 3
-        if len(self.in_shape) != expected:
-            raise ResodeError(f"arch {self.arch!r} needs in_shape of length {expected}, got {self.in_shape}")
+        if self.arch != "mlp" and len(self.in_shape) != 3:  # an mlp flattens whatever it is given
+            raise ResodeError(f"arch {self.arch!r} needs in_shape (channels, height, width), got {self.in_shape}")
 
     def _check_resnet(self) -> None:
         check_choice("block", self.block, dict.fromkeys(BLOCK_KINDS))
@@ -200,7 +208,7 @@ class ODENet(nn.Module):
             )
             self.head = Head(w[-1], config.num_classes)
         elif config.arch == "mlp":
-            self.stem = nn.Linear(config.in_shape[0], w[0])
+            self.stem = FlatLinear(math.prod(config.in_shape), w[0])
             self.transitions = nn.ModuleList(nn.Linear(a, b) for a, b in zip(w[:-1], w[1:]))
             self.head = nn.Linear(w[-1], config.num_classes)
         else:

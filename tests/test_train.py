@@ -247,3 +247,28 @@ def test_cli_resumes_an_interrupted_run(capsys, tmp_path, monkeypatch):
 def test_cli_refuses_an_out_the_card_would_overwrite(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--out", tmp_path / "notes.md")
     assert code == 2 and "model card" in err
+
+
+def test_mlp_takes_images_flattened(capsys, tmp_path):
+    """`--arch mlp` on image data (Fashion-MNIST's (1, 28, 28)): the stem flattens each sample, the
+    checkpoint keeps Linear's keys, and the exports flatten as PyTorch does."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "images.npz"
+    np.savez(path, x_train=rng.normal(size=(48, 1, 6, 6)), y_train=rng.integers(0, 3, 48),
+             x_test=rng.normal(size=(12, 1, 6, 6)), y_test=rng.integers(0, 3, 12))
+    out = tmp_path / "mlp.safetensors"
+    code, _, err = run_cli(capsys, "train", "--data", str(path), "--arch", "mlp", "--depth", "4", "--width", "8",
+                           "--hidden", "8", "--epochs", "1", "--out", out, "--json")
+    assert code == 0, err
+    model, _ = load_checkpoint(out)
+    assert model.config.in_shape == (1, 6, 6) and model.stem.weight.shape == (8, 36)
+    x = torch.from_numpy(rng.normal(size=(5, 1, 6, 6))).float()
+    with torch.no_grad():
+        flat = torch.nn.functional.linear(x.reshape(5, 36), model.stem.weight, model.stem.bias)
+        assert torch.equal(model.stem(x), flat)
+    for extra in ([], ["--dynamic-depth"]):
+        code, _, err = run_cli(capsys, "export", out, "--format", "onnx", *extra, "--out",
+                               tmp_path / f"m{len(extra)}.onnx", "--json")
+        assert code == 0, err  # each export verified itself against PyTorch on the image inputs
+    code, _, err = run_cli(capsys, "export", out, "--format", "torchscript", "--out", tmp_path / "m.pt", "--json")
+    assert code == 0, err

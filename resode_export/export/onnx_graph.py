@@ -175,6 +175,8 @@ def emit_stem(g: GraphBuilder, model: ODENet, x: str) -> str:
         x = g.op("Relu", [_conv_affine(g, x, model.stem.conv)])
         return g.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     if model.config.arch == "mlp":
+        if len(model.config.in_shape) > 1:
+            x = g.op("Flatten", [x], axis=1)
         return _linear(g, x, model.stem)
     return _act(g, _conv_layer(g, x, model.stem[0]), model.config.activation)
 
