@@ -17,6 +17,7 @@ from resode_export.evaluate import relative_deviation
 from resode_export.fields import ResBlockField
 from resode_export.gradients import ReconstructionMonitor, integrate, reconstruction_error
 from resode_export.importers.torchvision import (
+    PRESETS,
     check_preset,
     detect_layout,
     expected_shapes,
@@ -451,19 +452,55 @@ def test_smoothing_path(capsys, tmp_path):
         assert torch.isfinite(model.discretize(depth=20, scheme="heun")(x)).all()
 
 
-@pytest.mark.skipif("torchvision" not in sys.modules and __import__("importlib").util.find_spec("torchvision") is None,
-                    reason="torchvision is an optional extra; the definitions in tv_models.py stand in for it")
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+HAVE_TORCHVISION = "torchvision" in sys.modules or __import__("importlib").util.find_spec("torchvision") is not None
+needs_torchvision = pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision is an optional extra; the "
+                                       "definitions in tv_models.py stand in for it")
+
+
+@needs_torchvision
+@pytest.mark.parametrize("arch", list(PRESETS))
 def test_against_torchvision(arch):
+    """Every preset, built by torchvision itself: recognized as that preset, exact in float64 at the native depth."""
     import torchvision
 
     torch.manual_seed(0)
     net = randomize_bn(getattr(torchvision.models, arch)(weights=None, num_classes=7))
-    model = import_resnet(net.state_dict(), input_size=(64, 64), dtype=torch.float64)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    sd = net.state_dict()
+    layout = detect_layout(sd)
+    check_preset(layout, arch)  # raises unless the keys and shapes say it is this architecture
+    others = [name for name in PRESETS if name != arch]
+    for other in others:  # and no other preset accepts it
+        with pytest.raises(ResodeError, match=f"not a {other}"):
+            check_preset(layout, other)
+    model = import_resnet(sd, input_size=(32, 32), dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         want = net.double()(x)
         assert float((model(x) - want).abs().max() / want.abs().max()) < 1e-12
+
+
+@needs_torchvision
+@pytest.mark.parametrize("bn", ["fold", "frozen"])
+def test_back_to_real_torchvision(capsys, tmp_path, bn):
+    """export --format torchvision at twice the depth loads strictly into torchvision's own ResNet."""
+    from torchvision.models.resnet import Bottleneck as TVBottleneck
+    from torchvision.models.resnet import ResNet as TVResNet
+
+    torch.manual_seed(0)
+    net = randomize_bn(TVResNet(TVBottleneck, [3, 4, 6, 3], num_classes=5)).eval()
+    path = tmp_path / "r50.pth"
+    torch.save(net.state_dict(), path)
+    out = tmp_path / "r50x2.pth"
+    code, _, err = run_cli(capsys, "export", path, "--input-size", "32", "--bn", bn, "--format", "torchvision",
+                           "--depth-scale", "2", "--out", out)
+    assert code == 0, err
+    deeper = TVResNet(TVBottleneck, [5, 7, 11, 5], num_classes=5).eval()
+    deeper.load_state_dict(torch.load(out, weights_only=True))
+    model, _, _ = load_model(str(path), input_size=(32, 32), bn=bn)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = model.discretize(depth=(4, 6, 10, 4), scheme="euler")(x)
+        assert float((deeper(x) - want).abs().max() / want.abs().max()) < 1e-5
 
 
 def test_check_an_import_on_data(capsys, tmp_path):
