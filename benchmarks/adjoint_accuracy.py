@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 
@@ -57,7 +58,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
     gpu = torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available() else None
     result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "device": gpu or "cpu",
+              "device": gpu or "cpu", "command": "python " + shlex.join(sys.argv),
                           "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "rows": rows}
     if args.json:
         print(json.dumps(result, indent=1))
