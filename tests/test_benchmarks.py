@@ -58,3 +58,14 @@ def test_import_benchmark_smoke():
     for stage in ("random_init", "trained", "fine_tuned_adjoint", "smoothed"):
         assert isinstance(verdicts[stage]["ode_like"], bool) and verdicts[stage]["verdict"], stage
     assert verdicts["smoothed"]["max_relative_jump"] == [0.0, 0.0]  # 2 knots smoothed onto one B-spline: tied
+
+
+def test_dynamic_forms_are_the_model():
+    """benchmarks/dynamic_forms.py: every alternative dynamic-depth form it times computes the model (so its
+    latency comparison is between equivalent graphs), at a depth that is and one that is not a multiple of 8."""
+    result = _run("dynamic_forms.py", "--depths", "12,16", "--batches", "1", "--repeats", "5", "--budget", "0.01")
+    for row in result["rows"]:
+        for form in ("shipped", "unrolled_loop", "unrolled_loop_matmul", "precompute_scan"):
+            assert row[form]["max_rel_deviation"] < 1e-5, (row["depth"], form)
+        for bound in ("loop_no_formation", "scan_given_weights"):
+            assert row[bound]["max_rel_deviation"] is None and row[bound]["ms"] > 0

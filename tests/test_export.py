@@ -62,7 +62,7 @@ def test_static_onnx_matches_pytorch(tmp_path, arch, scheme, interp):
     ("mlp", "ralston", "constant", (7, 24)), ("conv", "heun", "linear", (4, 11)),
 ])
 def test_one_dynamic_depth_graph_matches_every_depth(tmp_path, arch, scheme, interp, depths):
-    """Depths below, at and off multiples of the unrolled block: the same file reproduces the model at each."""
+    """Depths below, at and off multiples of the chunk: the same file reproduces the model at each."""
     model = _model(arch, scheme=scheme, interp=interp)
     export_model(model, "onnx", tmp_path / "d.onnx", dynamic_depth=True)
     proto = onnx.load(str(tmp_path / "d.onnx"))

@@ -11,11 +11,14 @@ any depth. Two forms:
   piecewise polynomials in t (their exact form: every interpolation here is piecewise cubic or
   lower on a uniform grid), so the file size does not depend on depth. Before the loop the graph
   computes, for every step's stages, the piece and the offset in it (exact integer arithmetic, as
-  the PyTorch side snaps t·K); a ``Loop`` then runs ``UNROLL`` steps per iteration and evaluates
-  those steps' weights itself from the coefficient tables (a few operations per parameter for
-  ``UNROLL`` steps, on data that stays in cache: materializing a (depth, …) weight tensor per call
-  cost more than the solve), and a second ``Loop`` runs the remaining ``depth mod UNROLL`` steps.
-  ``Scan`` (slices handed in) measured ~5 % slower than ``Loop`` with a ``Gather`` of the row.
+  the PyTorch side snaps t·K). A ``Loop`` over chunks of ``CHUNK`` steps then forms each chunk's
+  weights from the coefficient tables (a few operations per parameter for the whole chunk, on data
+  that stays in cache) and runs a ``Scan`` over them, which hands each step its slice without a copy.
+  The last chunk is simply shorter. ``benchmarks/dynamic_forms.py`` times this form against the
+  others tried: 8-step unrolled bodies that split their weights (the form shipped before, 5–19 %
+  slower at batch 1), all weights formed before one ``Scan`` (a (depth, …) tensor per call: slower
+  than the solve), a flat-table MatMul formation, and two bounds without formation, which show
+  that the loop machinery costs nothing next to forming the weights.
 """
 
 from __future__ import annotations
@@ -36,8 +39,7 @@ from ..resnet import ConvAffine
 from ..schemes import ButcherTableau, ReversibleHeun, get_scheme, stage_grid
 
 OPSET = 17
-LOOP = True  # Loop over iterations (else Scan under If: onnxruntime refuses empty scans)
-UNROLL = 8  # steps per Loop iteration in the dynamic-depth graph (a Loop iteration costs ~15 µs in onnxruntime)
+CHUNK = 16  # steps whose weights the dynamic-depth graph forms at a time (benchmarks/dynamic_forms.py)
 GN_EPS = 1e-5  # torch.nn.functional.group_norm's default
 
 
@@ -343,7 +345,10 @@ def _stage_denominator(cs) -> int:
 
 
 def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, stage: int) -> str:
-    """Weights of every step's stages, then the loops; ``depth`` names the int64 scalar input."""
+    """``depth`` steps of the block's scheme (``depth`` names the int64 scalar input; below 1, one step).
+
+    A ``Loop`` over chunks of ``CHUNK`` steps; each iteration forms its steps' weights from the coefficient
+    tables, (count, *shape) per parameter and stage time, then a ``Scan`` runs the steps over them."""
     field, curve = block.field, block.curve
     tableau = get_scheme(block.scheme)
     scale, degree, weights = piecewise_polynomial(curve)
@@ -356,20 +361,22 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
     tables = {name: [g.const(c, f"{name}_c{m}") for m, c in enumerate(cs)] for name, cs in coefficients.items()}
     cs = sorted(set(float(c) for c in tableau.c))
     den_c = _stage_denominator(cs)
-    steps = g.op("Range", [g.scalar(0, np.int64), depth, g.scalar(1, np.int64)])  # (N,)
-    den = g.op("Max", [g.op("Mul", [depth, g.scalar(den_c, np.int64)]), g.scalar(1, np.int64)])  # N·D (≥ 1)
+    n = g.op("Max", [depth, g.scalar(1, np.int64)])  # dynamic_graph makes the logits of a depth below 1 NaN
+    steps = g.op("Range", [g.scalar(0, np.int64), n, g.scalar(1, np.int64)])  # (N,)
+    den = g.op("Mul", [n, g.scalar(den_c, np.int64)])  # N·D
     den_f = g.op("Cast", [den], to=TensorProto.DOUBLE)
+    reversible = isinstance(tableau, ReversibleHeun)
+    stage_cs = [1.0] if reversible else cs
     per_stage: dict[float, tuple[str, str]] = {}
-    for c in cs:
+    for c in stage_cs:
         cd = round(c * den_c)
         num = g.op("Mul", [g.op("Add", [g.op("Mul", [steps, g.scalar(den_c, np.int64)]), g.scalar(cd, np.int64)]),
                            g.scalar(scale, np.int64)])  # (n D + c D) S: t S = num / den exactly
-        piece = g.op("Div", [num, den])
-        piece = g.op("Min", [g.op("Max", [piece, g.scalar(0, np.int64)]), g.scalar(pieces - 1, np.int64)])
+        piece = g.op("Min", [g.op("Div", [num, den]), g.scalar(pieces - 1, np.int64)])
         rem = g.op("Sub", [num, g.op("Mul", [piece, den])])
         s = g.op("Cast", [g.op("Div", [g.op("Cast", [rem], to=TensorProto.DOUBLE), den_f])], to=TensorProto.FLOAT)
         per_stage[c] = (piece, s)  # (N,) each: step n's stage at this c sits on piece[n], offset s[n]
-    h = g.op("Reciprocal", [g.op("Cast", [depth], to=TensorProto.FLOAT)])
+    h = g.op("Reciprocal", [g.op("Cast", [n], to=TensorProto.FLOAT)])
     h_consts: dict[float, str] = {}
 
     def h_times(c):
@@ -377,104 +384,63 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
             h_consts[c] = h if c == 1.0 else g.op("Mul", [h, g.scalar(c)])
         return h_consts[c]
 
-    reversible = isinstance(tableau, ReversibleHeun)
     for c in ([1.0, 0.5] if reversible else sorted({a for row in tableau.a for a in row if a} | {1.0})):
-        h_times(c)  # outside the loop bodies, computed once
+        h_times(c)  # outside the bodies, computed once
     if reversible:
         theta0 = {k: g.const(c[0][0], f"{k}_t0") for k, c in coefficients.items()}  # θ(0): piece 0 at s = 0
         state = [x, x, emit_field(g, field, x, theta0)]
     else:
         state = [x]
-
-    stage_cs = [1.0] if reversible else sorted(set(map(float, tableau.c)))
-    ranks = {name: len(field_layout(field, name, knots[name][0]).shape) for name in tables}
-
-    def body(count: int, tag: str, sources: list[str] | None = None) -> onnx.GraphProto:
-        """``count`` steps. The scan hands it, per stage time c, the steps' pieces and offsets ((count,) each, or
-        scalars if count = 1); it evaluates their weights from the coefficient tables: a few operations per
-        parameter for ``count`` steps, on data that stays in cache (no (depth, …) weight tensor per call)."""
-        b = GraphBuilder(prefix=f"{tag}/")
-        b._scalars = g._scalars  # share the outer scalar constants (outer scope)
-        inner = [f"{tag}/state{i}" for i in range(len(state))]
-        scanned = {c: (f"{tag}/piece{j}", f"{tag}/offset{j}") for j, c in enumerate(stage_cs)}
-        if sources is not None:  # a Loop body: take this iteration's row of the outer (trips, count) tensors
-            it = f"{tag}/iter"
-            for j, c in enumerate(stage_cs):
-                scanned[c] = (b.op("Gather", [sources[2 * j], it], axis=0),
-                              b.op("Gather", [sources[2 * j + 1], it], axis=0))
-        weights: dict[float, list[dict[str, str]]] = {}
-        for c, (piece, offset) in scanned.items():
-            per_step = [dict() for _ in range(count)]
-            for name, coeffs in tables.items():
-                shape = field_layout(field, name, knots[name][0]).shape
-                acc = b.op("Gather", [coeffs[degree], piece], axis=0)  # (count, *shape) or (*shape)
-                if degree:
-                    s_b = b.op("Reshape", [offset, g.ints([-1] + [1] * ranks[name])]) if count > 1 else offset
-                    for m in reversed(range(degree)):
-                        acc = b.op("Add", [b.op("Mul", [acc, s_b]), b.op("Gather", [coeffs[m], piece], axis=0)])
-                if count == 1:
-                    per_step[0][name] = acc
-                else:  # (count·rows, …) split into the steps' (rows, …)
-                    flat = b.op("Reshape", [acc, g.ints([count * shape[0], *shape[1:]])])
-                    for u, part in enumerate(b.op("Split", [flat], n_out=count, axis=0)):
-                        per_step[u][name] = part
-            weights[c] = per_step
-        cur = list(inner)
-        for u in range(count):
-            if reversible:
-                cur = list(emit_reversible_step(b, field, tuple(cur), weights[1.0][u], h_times))
-            else:
-                cur = [emit_rk_step(b, field, tableau, cur[0], [weights[float(c)][u] for c in tableau.c], h_times)]
-        outs = [b.op("Identity", [c]) for c in cur]
-        inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in inner]
-        outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs]
-        if sources is None:
-            for j in range(len(stage_cs)):
-                inputs += [helper.make_tensor_value_info(f"{tag}/piece{j}", TensorProto.INT64, None),
-                           helper.make_tensor_value_info(f"{tag}/offset{j}", TensorProto.FLOAT, None)]
-        else:
-            cond = f"{tag}/cond"
-            inputs = [helper.make_tensor_value_info(f"{tag}/iter", TensorProto.INT64, []),
-                      helper.make_tensor_value_info(cond, TensorProto.BOOL, [])] + inputs
-            outs.insert(0, b.op("Identity", [cond]))
-            outputs.insert(0, helper.make_tensor_value_info(outs[0], TensorProto.BOOL, []))
-        g.initializers.extend(b.initializers)  # constants made for the body live in the outer graph
-        return helper.make_graph(b.nodes, f"{tag}_body", inputs, outputs)
-
-    def loop(inputs: list[str], steps: str, count: int, tag: str) -> list[str]:
-        out = g.op("Loop", [steps, "", *state], n_out=len(state), body=body(count, tag, inputs))
-        return [out] if isinstance(out, str) else out
-
-    def scan(inputs: list[str], steps: str, count: int, tag: str) -> list[str]:
-        """A Scan of ``count``-step bodies over ``inputs``, under If(steps > 0): onnxruntime refuses empty scans."""
-        then = GraphBuilder(prefix=f"{tag}_then/")
-        outs = then.op("Scan", [*state, *inputs], n_out=len(state), body=body(count, tag), num_scan_inputs=len(inputs))
-        outs = [outs] if isinstance(outs, str) else outs
-        skip = GraphBuilder(prefix=f"{tag}_else/")
-        kept = [skip.op("Identity", [x]) for x in state]
-
-        def branch(b: GraphBuilder, names: list[str], label: str):
-            return helper.make_graph(b.nodes, f"{tag}_{label}", [],
-                                     [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names])
-
-        out = g.op("If", [g.op("Greater", [steps, g.scalar(0, np.int64)])], n_out=len(state),
-                   then_branch=branch(then, outs, "then"), else_branch=branch(skip, kept, "else"))
-        return [out] if isinstance(out, str) else out
-
     tag = f"stage{stage}"
-    zero = g.ints([0])
-    done = g.op("Mul", [g.op("Div", [g.op("Reshape", [depth, g.ints([1])]), g.ints([UNROLL])]), g.ints([UNROLL])])
-    main, rest = [], []
+
+    # one step: the Scan body; its weights come in as scan inputs (slices Scan hands in without copying)
+    sb = GraphBuilder(prefix=f"{tag}_step/")
+    sb._scalars = g._scalars  # share the outer scalar constants (outer scope)
+    inner = [f"{tag}_step/state{i}" for i in range(len(state))]
+    theta = {c: {name: f"{tag}_step/{name}@{j}" for name in tables} for j, c in enumerate(stage_cs)}
+    if reversible:
+        cur = list(emit_reversible_step(sb, field, tuple(inner), theta[1.0], h_times))
+    else:
+        cur = [emit_rk_step(sb, field, tableau, inner[0], [theta[float(c)] for c in tableau.c], h_times)]
+    outs = [sb.op("Identity", [c]) for c in cur]
+    dims = [f"{tag}_dim{i}" for i in range(2 if isinstance(field, (MLPField, LinearField)) else 4)]
+    step_inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in inner]
+    step_inputs += [helper.make_tensor_value_info(theta[c][name], TensorProto.FLOAT, None)
+                    for c in stage_cs for name in tables]
+    g.initializers.extend(sb.initializers)  # constants made for a body live in the outer graph
+    step = helper.make_graph(sb.nodes, f"{tag}_step", step_inputs,  # a Scan inside a Loop needs its outputs' ranks
+                             [helper.make_tensor_value_info(o, TensorProto.FLOAT, dims) for o in outs])
+
+    # one chunk: the Loop body forms the weights of steps [CHUNK·i, CHUNK·(i+1)) ∩ [0, N), then scans them
+    lb = GraphBuilder(prefix=f"{tag}_chunk/")
+    lb._scalars = g._scalars
+    it, cond = f"{tag}_chunk/iter", f"{tag}_chunk/cond"
+    carried = [f"{tag}_chunk/state{i}" for i in range(len(state))]
+    begin = lb.op("Reshape", [lb.op("Mul", [it, g.scalar(CHUNK, np.int64)]), g.ints([1])])
+    end = lb.op("Add", [begin, g.ints([CHUNK])])
+    scanned = []
     for c in stage_cs:
-        for tensor in per_stage[c]:  # steps 0 .. a·U − 1 grouped by U, then the rest one by one
-            main.append(g.op("Reshape", [g.op("Slice", [tensor, zero, done, zero]), g.ints([-1, UNROLL])]))
-            rest.append(g.op("Slice", [tensor, done, g.ints([np.iinfo(np.int64).max]), zero]))
-    done_scalar = g.op("Reshape", [done, g.ints(np.zeros(0, np.int64))])
-    run = loop if LOOP else scan
-    trips = g.op("Div", [depth, g.scalar(UNROLL, np.int64)])
-    state = run(main, trips if LOOP else done_scalar, UNROLL, f"{tag}_main")
-    state = run(rest, g.op("Sub", [depth, done_scalar]), 1, f"{tag}_rest")
-    return state[0]
+        piece, offset = (lb.op("Slice", [t, begin, end]) for t in per_stage[c])  # (count,), count ≤ CHUNK
+        for name, coeffs in tables.items():
+            acc = lb.op("Gather", [coeffs[degree], piece], axis=0)  # (count, *shape)
+            if degree:
+                s_b = lb.op("Reshape", [offset, g.ints([-1] + [1] * (coefficients[name][0].ndim - 1))])
+                for m in reversed(range(degree)):
+                    acc = lb.op("Add", [lb.op("Mul", [acc, s_b]), lb.op("Gather", [coeffs[m], piece], axis=0)])
+            scanned.append(acc)
+    result = lb.op("Scan", [*carried, *scanned], n_out=len(state), body=step, num_scan_inputs=len(scanned))
+    result = [result] if isinstance(result, str) else result
+    chunk_outs = [lb.op("Identity", [cond])] + [lb.op("Identity", [r]) for r in result]
+    g.initializers.extend(lb.initializers)
+    chunk = helper.make_graph(
+        lb.nodes, f"{tag}_chunk",
+        [helper.make_tensor_value_info(it, TensorProto.INT64, []), helper.make_tensor_value_info(cond, TensorProto.BOOL, [])]
+        + [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in carried],
+        [helper.make_tensor_value_info(chunk_outs[0], TensorProto.BOOL, [])]
+        + [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in chunk_outs[1:]])
+    trips = g.op("Div", [g.op("Add", [n, g.scalar(CHUNK - 1, np.int64)]), g.scalar(CHUNK, np.int64)])  # ⌈N / CHUNK⌉
+    out = g.op("Loop", [trips, "", *state], n_out=len(state), body=chunk)
+    return out if isinstance(out, str) else out[0]
 
 
 def dynamic_graph(model: ODENet, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
@@ -493,4 +459,4 @@ def dynamic_graph(model: ODENet, metadata: dict[str, str] | None = None) -> onnx
                    f"resode ODENet, scheme {model.config.scheme}, depth given at run time", metadata or {})
 
 
-__all__ = ["OPSET", "UNROLL", "dynamic_graph", "piecewise_polynomial", "static_graph"]
+__all__ = ["CHUNK", "OPSET", "dynamic_graph", "piecewise_polynomial", "static_graph"]
