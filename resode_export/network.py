@@ -129,6 +129,8 @@ class ODENetConfig:
             raise ResodeError(f"conv widths {list(self.widths)} must be multiples of groups ({self.groups})")
         for d in self.depths:
             check_depth(d)
+        if not self.in_shape:
+            raise ResodeError("in_shape needs at least one dimension, got ()")
         if self.arch != "mlp" and len(self.in_shape) != 3:  # an mlp flattens whatever it is given
             raise ResodeError(f"arch {self.arch!r} needs in_shape (channels, height, width), got {self.in_shape}")
 
