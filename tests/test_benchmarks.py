@@ -69,3 +69,4 @@ def test_dynamic_forms_are_the_model():
             assert row[form]["max_rel_deviation"] < 1e-5, (row["depth"], form)
         for bound in ("loop_no_formation", "scan_given_weights"):
             assert row[bound]["max_rel_deviation"] is None and row[bound]["ms"] > 0
+        assert row["one_pass_formation"]["max_rel_deviation"] < 1e-5  # against its own (piecewise-constant) model

@@ -15,7 +15,7 @@ any depth. Two forms:
   weights from the coefficient tables (a few operations per parameter for the whole chunk, on data
   that stays in cache) and runs a ``Scan`` over them, which hands each step its slice without a copy.
   The last chunk is simply shorter. ``benchmarks/dynamic_forms.py`` times this form against the
-  others tried: 8-step unrolled bodies that split their weights (the form shipped before, 5–19 %
+  others tried: 8-step unrolled bodies that split their weights (the form shipped before, 5–15 %
   slower at batch 1), all weights formed before one ``Scan`` (a (depth, …) tensor per call: slower
   than the solve), a flat-table MatMul formation, and two bounds without formation, which show
   that the loop machinery costs nothing next to forming the weights.
