@@ -26,8 +26,8 @@ them ready-made. Forms, each timed at batch 1 and 256 against the static graph a
   that model's own static graph: each step's weights are then formed by one Gather (one copy), the
   least that any form that materializes them can do.
 
-The two bounds show that the loop machinery is not the cost (both run within 1.25× of the static
-graph at depth 16 and faster than it from depth 64); forming the weights is. Only linear
+The two bounds show that the loop machinery is not the main cost (both run within 1.25× of the
+static graph at depth 16 and faster than it from depth 64); forming the weights is. Only linear
 interpolation and Euler are built by the alternative forms (the export benchmark's workload). The deviation column
 is against the PyTorch model at that depth (``None`` for the two bounds, which are not the model).
 """

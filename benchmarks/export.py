@@ -108,7 +108,7 @@ def _latency_worker(path: str, depth: int | None, xs: dict, repeats: int, budget
 def _onnx_latency(entry: dict, path: Path, depth: int | None, xs: dict, ref: dict, torch_ms: dict,
                   repeats: int, budget: float) -> None:
     """Each graph is timed in a process of its own (spawned): in this one, the static graph's tens of MB of
-    weights and the exports' allocations had slowed the dynamic graph's loop by up to 1.5× (measured:
+    weights and the exports' allocations had slowed the dynamic graph's loop by up to 1.3× (measured:
     15.5 → 19.7 ms for the depth-1024 Heun graph at batch 1 while a static session was alive)."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         measured, out = pool.apply(_latency_worker, (str(path), depth, xs, repeats, budget))

@@ -66,10 +66,15 @@ class ODEBlock(nn.Module):
 
 class FlatLinear(nn.Linear):
     """The mlp stem: a Linear layer on the flattened sample, so that an mlp takes images too
-    (Fashion-MNIST's (1, 28, 28) as 784 features). Its state-dict keys are Linear's."""
+    (Fashion-MNIST's (1, 28, 28) as 784 features). Only the sample's own ``sample_dims`` axes are
+    flattened, so leading axes pass through as with ``nn.Linear``. Its state-dict keys are Linear's."""
+
+    def __init__(self, in_shape: tuple[int, ...], out_features: int):
+        super().__init__(math.prod(in_shape), out_features)
+        self.sample_dims = len(in_shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.flatten(1))
+        return super().forward(x.flatten(-self.sample_dims) if self.sample_dims > 1 else x)
 
 
 @dataclass
@@ -210,7 +215,7 @@ class ODENet(nn.Module):
             )
             self.head = Head(w[-1], config.num_classes)
         elif config.arch == "mlp":
-            self.stem = FlatLinear(math.prod(config.in_shape), w[0])
+            self.stem = FlatLinear(config.in_shape, w[0])
             self.transitions = nn.ModuleList(nn.Linear(a, b) for a, b in zip(w[:-1], w[1:]))
             self.head = nn.Linear(w[-1], config.num_classes)
         else:

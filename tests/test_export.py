@@ -59,7 +59,9 @@ def test_static_onnx_matches_pytorch(tmp_path, arch, scheme, interp):
 @pytest.mark.parametrize("arch, scheme, interp, depths", [
     ("mlp", "euler", "linear", (4, 16, 64, 256)), ("mlp", "heun", "cubic", (3, 13, 64)),
     ("mlp", "rk4", "smooth", (1, 9, 32)), ("mlp", "reversible_heun", "linear", (5, 16, 40)),
-    ("mlp", "ralston", "constant", (7, 24)), ("conv", "heun", "linear", (4, 11)),
+    ("mlp", "ralston", "constant", (7, 24)), ("conv", "heun", "linear", (4, 11, 17, 33)),
+    ("mlp", "midpoint", "linear", (15, 17)), ("mlp", "rk38", "cubic", (16, 33)),
+    ("conv", "reversible_heun", "cubic", (17,)),
 ])
 def test_one_dynamic_depth_graph_matches_every_depth(tmp_path, arch, scheme, interp, depths):
     """Depths below, at and off multiples of the chunk: the same file reproduces the model at each."""
@@ -76,6 +78,21 @@ def test_one_dynamic_depth_graph_matches_every_depth(tmp_path, arch, scheme, int
         assert _max_rel(run_onnx(session, x.numpy(), depth), reference) <= 1e-5, depth
     for depth in (0, -3):  # meaningless depths give NaN, never plausible logits
         assert np.isnan(run_onnx(session, x.numpy(), depth)).all()
+
+
+def test_dynamic_graph_follows_the_onnx_specification(tmp_path):
+    """onnx's reference evaluator (the specification's semantics, not onnxruntime's) runs the dynamic graph
+    to the model's logits too, across a chunk boundary; it once misread a Loop without a condition."""
+    from onnx.reference import ReferenceEvaluator
+
+    model = _model("mlp", scheme="heun", interp="linear")
+    export_model(model, "onnx", tmp_path / "d.onnx", dynamic_depth=True)
+    evaluator = ReferenceEvaluator(str(tmp_path / "d.onnx"))
+    x = _x(model, 3)
+    for depth in (5, 17):
+        (out,) = evaluator.run(None, {"input": x.numpy(), "depth": np.array(depth, np.int64)})
+        with torch.no_grad():
+            assert _max_rel(out, model.discretize(depth=depth)(x)) <= 1e-5, depth
 
 
 def test_dynamic_file_size_does_not_grow_with_depth(tmp_path):

@@ -266,6 +266,9 @@ def test_mlp_takes_images_flattened(capsys, tmp_path):
     with torch.no_grad():
         flat = torch.nn.functional.linear(x.reshape(5, 36), model.stem.weight, model.stem.bias)
         assert torch.equal(model.stem(x), flat)
+        assert torch.allclose(model(x[0]), model(x)[0], atol=1e-6)  # one unbatched sample, as nn.Linear takes
+        vector = ODENet(ODENetConfig(in_shape=(7,), widths=(4,), hidden=4, depths=(2,)))
+        assert vector(torch.randn(3, 5, 7)).shape == (3, 5, 10)  # leading axes pass through, as with nn.Linear
     for extra in ([], ["--dynamic-depth"]):
         code, _, err = run_cli(capsys, "export", out, "--format", "onnx", *extra, "--out",
                                tmp_path / f"m{len(extra)}.onnx", "--json")

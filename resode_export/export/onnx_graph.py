@@ -18,7 +18,7 @@ any depth. Two forms:
   others tried: 8-step unrolled bodies that split their weights (the form shipped before, 5–15 %
   slower at batch 1), all weights formed before one ``Scan`` (a (depth, …) tensor per call: slower
   than the solve), a flat-table MatMul formation, and two bounds without formation, which show
-  that the loop machinery costs nothing next to forming the weights.
+  that the loop machinery costs little next to forming the weights.
 """
 
 from __future__ import annotations
@@ -391,6 +391,12 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
         state = [x, x, emit_field(g, field, x, theta0)]
     else:
         state = [x]
+    conv_like = not isinstance(field, (MLPField, LinearField))
+    if conv_like:
+        # onnxruntime up to 1.22 aborts (a C++ assertion in ConvActivationFusion) on a Conv whose output goes
+        # straight into a Loop (a conv transition, reversible Heun's f(x_0)); a one-input Sum, the identity,
+        # keeps them apart. Fixed upstream in 1.23; CI runs the dynamic-depth tests on 1.22 too.
+        state = [g.op("Sum", [s]) for s in state]
     tag = f"stage{stage}"
 
     # one step: the Scan body; its weights come in as scan inputs (slices Scan hands in without copying)
@@ -403,7 +409,7 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
     else:
         cur = [emit_rk_step(sb, field, tableau, inner[0], [theta[float(c)] for c in tableau.c], h_times)]
     outs = [sb.op("Identity", [c]) for c in cur]
-    dims = [f"{tag}_dim{i}" for i in range(2 if isinstance(field, (MLPField, LinearField)) else 4)]
+    dims = [f"{tag}_dim{i}" for i in range(4 if conv_like else 2)]
     step_inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in inner]
     step_inputs += [helper.make_tensor_value_info(theta[c][name], TensorProto.FLOAT, None)
                     for c in stage_cs for name in tables]
@@ -420,7 +426,8 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
     end = lb.op("Add", [begin, g.ints([CHUNK])])
     scanned = []
     for c in stage_cs:
-        piece, offset = (lb.op("Slice", [t, begin, end]) for t in per_stage[c])  # (count,), count ≤ CHUNK
+        piece = lb.op("Slice", [per_stage[c][0], begin, end])  # (count,), count ≤ CHUNK
+        offset = lb.op("Slice", [per_stage[c][1], begin, end]) if degree else None
         for name, coeffs in tables.items():
             acc = lb.op("Gather", [coeffs[degree], piece], axis=0)  # (count, *shape)
             if degree:
@@ -439,7 +446,8 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
         [helper.make_tensor_value_info(chunk_outs[0], TensorProto.BOOL, [])]
         + [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in chunk_outs[1:]])
     trips = g.op("Div", [g.op("Add", [n, g.scalar(CHUNK - 1, np.int64)]), g.scalar(CHUNK, np.int64)])  # ⌈N / CHUNK⌉
-    out = g.op("Loop", [trips, "", *state], n_out=len(state), body=chunk)
+    # an explicit true condition: onnx's reference evaluator runs a Loop without one wrongly
+    out = g.op("Loop", [trips, g.const(np.array(True), "true"), *state], n_out=len(state), body=chunk)
     return out if isinstance(out, str) else out[0]
 
 
