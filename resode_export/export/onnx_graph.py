@@ -367,10 +367,17 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
     den_f = g.op("Cast", [den], to=TensorProto.DOUBLE)
     reversible = isinstance(tableau, ReversibleHeun)
     stage_cs = [1.0] if reversible else cs
+    # Heun, rk4, rk38: a step's stage at c = 1 is the next step's at c = 0, so the chunk forms the c = 0
+    # weights of one step more and hands both stage times a slice of them (a copy, not a formation)
+    shared = not reversible and 0.0 in cs and 1.0 in cs
     per_stage: dict[float, tuple[str, str]] = {}
     for c in stage_cs:
+        if shared and c == 1.0:
+            continue
         cd = round(c * den_c)
-        num = g.op("Mul", [g.op("Add", [g.op("Mul", [steps, g.scalar(den_c, np.int64)]), g.scalar(cd, np.int64)]),
+        rows = g.op("Range", [g.scalar(0, np.int64), g.op("Add", [n, g.scalar(1, np.int64)]),
+                              g.scalar(1, np.int64)]) if shared and c == 0.0 else steps  # 0 .. N with sharing
+        num = g.op("Mul", [g.op("Add", [g.op("Mul", [rows, g.scalar(den_c, np.int64)]), g.scalar(cd, np.int64)]),
                            g.scalar(scale, np.int64)])  # (n D + c D) S: t S = num / den exactly
         piece = g.op("Min", [g.op("Div", [num, den]), g.scalar(pieces - 1, np.int64)])
         rem = g.op("Sub", [num, g.op("Mul", [piece, den])])
@@ -424,17 +431,22 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
     carried = [f"{tag}_chunk/state{i}" for i in range(len(state))]
     begin = lb.op("Reshape", [lb.op("Mul", [it, g.scalar(CHUNK, np.int64)]), g.ints([1])])
     end = lb.op("Add", [begin, g.ints([CHUNK])])
-    scanned = []
-    for c in stage_cs:
-        piece = lb.op("Slice", [per_stage[c][0], begin, end])  # (count,), count ≤ CHUNK
-        offset = lb.op("Slice", [per_stage[c][1], begin, end]) if degree else None
+    formed: dict[tuple[float, str], str] = {}
+    for c in per_stage:
+        stop = lb.op("Add", [end, g.ints([1])]) if shared and c == 0.0 else end
+        piece = lb.op("Slice", [per_stage[c][0], begin, stop])  # (count,), count ≤ CHUNK (+ 1 when shared)
+        offset = lb.op("Slice", [per_stage[c][1], begin, stop]) if degree else None
         for name, coeffs in tables.items():
             acc = lb.op("Gather", [coeffs[degree], piece], axis=0)  # (count, *shape)
             if degree:
                 s_b = lb.op("Reshape", [offset, g.ints([-1] + [1] * (coefficients[name][0].ndim - 1))])
                 for m in reversed(range(degree)):
                     acc = lb.op("Add", [lb.op("Mul", [acc, s_b]), lb.op("Gather", [coeffs[m], piece], axis=0)])
-            scanned.append(acc)
+            if shared and c == 0.0:  # rows n .. n + count: c = 0 takes the first count, c = 1 the last count
+                formed[(1.0, name)] = lb.op("Slice", [acc, g.ints([1]), g.ints([np.iinfo(np.int64).max])])
+                acc = lb.op("Slice", [acc, g.ints([0]), g.ints([-1])])
+            formed[(c, name)] = acc
+    scanned = [formed[(c, name)] for c in stage_cs for name in tables]  # the step body's input order
     result = lb.op("Scan", [*carried, *scanned], n_out=len(state), body=step, num_scan_inputs=len(scanned))
     result = [result] if isinstance(result, str) else result
     chunk_outs = [lb.op("Identity", [cond])] + [lb.op("Identity", [r]) for r in result]
