@@ -382,7 +382,7 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
         piece = g.op("Min", [g.op("Div", [num, den]), g.scalar(pieces - 1, np.int64)])
         rem = g.op("Sub", [num, g.op("Mul", [piece, den])])
         s = g.op("Cast", [g.op("Div", [g.op("Cast", [rem], to=TensorProto.DOUBLE), den_f])], to=TensorProto.FLOAT)
-        per_stage[c] = (piece, s)  # (N,) each: step n's stage at this c sits on piece[n], offset s[n]
+        per_stage[c] = (piece, s)  # (N,) each ((N + 1,) for shared c = 0): step n at c on piece[n], offset s[n]
     h = g.op("Reciprocal", [g.op("Cast", [n], to=TensorProto.FLOAT)])
     h_consts: dict[float, str] = {}
 
