@@ -59,37 +59,21 @@ UNROLL = 8  # steps per Loop body in the unrolled forms
 
 
 def _coefficients(block):
-    """(degree, pieces, {name: [C_0 .. C_d] each (P, *shape)}) of the block's curve (float32)."""
-    scale, degree, weights = og.piecewise_polynomial(block.curve)
-    with torch.no_grad():
-        knots = {k: v.detach().double().numpy() for k, v in block.curve.knots.items()}
-    coeffs = {name: [np.tensordot(weights[:, m], kn, axes=(1, 0)).astype(np.float32) for m in range(degree + 1)]
-              for name, kn in knots.items()}
-    return scale, degree, weights.shape[0], coeffs
+    """(S, degree, pieces, {name: [C_0 .. C_d] each (P, *shape)}) of the block's curve, as the shipped graph has them."""
+    scale, degree, coeffs = og.curve_coefficients(block.field, block.curve)
+    return scale, degree, next(iter(coeffs.values()))[0].shape[0], coeffs
 
 
 def _pieces(g, n, scale, pieces):
-    """Each step's piece and offset on it ((N,) int64 and float32) for Euler (stage time c = 0), as the
-    shipped graph computes them: t S = n S / N exactly in integers."""
+    """Each Euler step's piece and offset ((N,) int64 and float32), as the shipped graph computes them."""
     steps = g.op("Range", [g.scalar(0, np.int64), n, g.scalar(1, np.int64)])
-    num = g.op("Mul", [steps, g.scalar(scale, np.int64)])
-    piece = g.op("Min", [g.op("Div", [num, n]), g.scalar(pieces - 1, np.int64)])
-    rem = g.op("Sub", [num, g.op("Mul", [piece, n])])
-    s = g.op("Cast", [g.op("Div", [g.op("Cast", [rem], to=TensorProto.DOUBLE),
-                                   g.op("Cast", [n], to=TensorProto.DOUBLE)])], to=TensorProto.FLOAT)
-    return piece, s
+    return og.stage_pieces(g, steps, 0, 1, n, g.op("Cast", [n], to=TensorProto.DOUBLE), scale, pieces)
 
 
 def _form(b, g, coeffs, degree, piece, s):
-    """Weights of the steps ``piece``/``s`` select: {name: (k, *shape)} by Gather/Mul/Add per parameter."""
-    out = {}
-    for name, cs in coeffs.items():
-        acc = b.op("Gather", [g.const(cs[degree], f"{name}_c{degree}"), piece], axis=0)
-        s_b = b.op("Reshape", [s, g.ints([-1] + [1] * (cs[0].ndim - 1))])
-        for m in reversed(range(degree)):
-            acc = b.op("Add", [b.op("Mul", [acc, s_b]), b.op("Gather", [g.const(cs[m], f"{name}_c{m}"), piece], axis=0)])
-        out[name] = acc
-    return out
+    """Weights of the steps ``piece``/``s`` select, {name: (k, *shape)}, formed as the shipped graph forms them."""
+    tables = {name: [g.const(c, f"{name}_c{m}") for m, c in enumerate(cs)] for name, cs in coeffs.items()}
+    return og.form_weights(b, g, tables, {name: cs[0].ndim - 1 for name, cs in coeffs.items()}, degree, piece, s)
 
 
 def _step_body(g, field, tag, names, rank, h):

@@ -344,21 +344,54 @@ def _stage_denominator(cs) -> int:
     return den
 
 
+def curve_coefficients(field: Field, curve: Curve) -> tuple[int, int, dict[str, list[np.ndarray]]]:
+    """(S, degree, tables) of :func:`piecewise_polynomial`: tables[name] = [C_0 .. C_d], C_m (P, *shape) float32
+    in the field's layout, so that θ(t) = Σ_m s^m C_m[i] on piece i."""
+    scale, degree, weights = piecewise_polynomial(curve)
+    with torch.no_grad():
+        knots = {k: v.detach().cpu().double().numpy() for k, v in curve.knots.items()}
+    return scale, degree, {name: [field_layout(field, name, np.tensordot(weights[:, m], kn, axes=(1, 0)).astype(np.float32))
+                                  for m in range(degree + 1)] for name, kn in knots.items()}
+
+
+def stage_pieces(g: GraphBuilder, rows: str, c_num: int, den_c: int, den: str, den_f: str, scale: int,
+                 pieces: int) -> tuple[str, str]:
+    """Piece and offset ((R,) int64 and float32) of the stage at c = c_num / den_c of each step in ``rows``:
+    t S = (n D + c D) S / (N D) in exact integers (``den`` = N D, ``den_f`` its double), as PyTorch snaps t·K."""
+    num = g.op("Mul", [g.op("Add", [g.op("Mul", [rows, g.scalar(den_c, np.int64)]), g.scalar(c_num, np.int64)]),
+                       g.scalar(scale, np.int64)])
+    piece = g.op("Min", [g.op("Div", [num, den]), g.scalar(pieces - 1, np.int64)])
+    rem = g.op("Sub", [num, g.op("Mul", [piece, den])])
+    offset = g.op("Cast", [g.op("Div", [g.op("Cast", [rem], to=TensorProto.DOUBLE), den_f])], to=TensorProto.FLOAT)
+    return piece, offset
+
+
+def form_weights(b: GraphBuilder, g: GraphBuilder, tables: dict[str, list[str]], ranks: dict[str, int], degree: int,
+                 piece: str, offset: str | None) -> dict[str, str]:
+    """The weights of the steps ``piece``/``offset`` ((k,) each) select, {name: (k, *shape)}, by Horner's rule
+    on the coefficient tables (their initializer names): a Gather per coefficient, a Mul and an Add per degree."""
+    out = {}
+    for name, coeffs in tables.items():
+        acc = b.op("Gather", [coeffs[degree], piece], axis=0)
+        if degree:
+            s_b = b.op("Reshape", [offset, g.ints([-1] + [1] * ranks[name])])
+            for m in reversed(range(degree)):
+                acc = b.op("Add", [b.op("Mul", [acc, s_b]), b.op("Gather", [coeffs[m], piece], axis=0)])
+        out[name] = acc
+    return out
+
+
 def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, stage: int) -> str:
     """``depth`` steps of the block's scheme (``depth`` names the int64 scalar input; below 1, one step).
 
     A ``Loop`` over chunks of ``CHUNK`` steps; each iteration forms its steps' weights from the coefficient
     tables, (count, *shape) per parameter and stage time, then a ``Scan`` runs the steps over them."""
-    field, curve = block.field, block.curve
+    field = block.field
     tableau = get_scheme(block.scheme)
-    scale, degree, weights = piecewise_polynomial(curve)
-    pieces = weights.shape[0]
-    with torch.no_grad():
-        knots = {k: v.detach().cpu().double().numpy() for k, v in curve.knots.items()}
-    # coefficient tables: name → [C_0 .. C_d], C_m (P, *shape) in the field's layout
-    coefficients = {name: [field_layout(field, name, np.tensordot(weights[:, m], kn, axes=(1, 0)).astype(np.float32))
-                           for m in range(degree + 1)] for name, kn in knots.items()}
+    scale, degree, coefficients = curve_coefficients(field, block.curve)
+    pieces = next(iter(coefficients.values()))[0].shape[0]
     tables = {name: [g.const(c, f"{name}_c{m}") for m, c in enumerate(cs)] for name, cs in coefficients.items()}
+    ranks = {name: cs[0].ndim - 1 for name, cs in coefficients.items()}
     cs = sorted(set(float(c) for c in tableau.c))
     den_c = _stage_denominator(cs)
     n = g.op("Max", [depth, g.scalar(1, np.int64)])  # dynamic_graph makes the logits of a depth below 1 NaN
@@ -374,15 +407,10 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
     for c in stage_cs:
         if shared and c == 1.0:
             continue
-        cd = round(c * den_c)
         rows = g.op("Range", [g.scalar(0, np.int64), g.op("Add", [n, g.scalar(1, np.int64)]),
                               g.scalar(1, np.int64)]) if shared and c == 0.0 else steps  # 0 .. N with sharing
-        num = g.op("Mul", [g.op("Add", [g.op("Mul", [rows, g.scalar(den_c, np.int64)]), g.scalar(cd, np.int64)]),
-                           g.scalar(scale, np.int64)])  # (n D + c D) S: t S = num / den exactly
-        piece = g.op("Min", [g.op("Div", [num, den]), g.scalar(pieces - 1, np.int64)])
-        rem = g.op("Sub", [num, g.op("Mul", [piece, den])])
-        s = g.op("Cast", [g.op("Div", [g.op("Cast", [rem], to=TensorProto.DOUBLE), den_f])], to=TensorProto.FLOAT)
-        per_stage[c] = (piece, s)  # (N,) each ((N + 1,) for shared c = 0): step n at c on piece[n], offset s[n]
+        # (N,) each ((N + 1,) for shared c = 0): step n's stage at c sits on piece[n], offset s[n]
+        per_stage[c] = stage_pieces(g, rows, round(c * den_c), den_c, den, den_f, scale, pieces)
     h = g.op("Reciprocal", [g.op("Cast", [n], to=TensorProto.FLOAT)])
     h_consts: dict[float, str] = {}
 
@@ -436,12 +464,7 @@ def emit_dynamic_block(g: GraphBuilder, block: ODEBlock, x: str, depth: str, sta
         stop = lb.op("Add", [end, g.ints([1])]) if shared and c == 0.0 else end
         piece = lb.op("Slice", [per_stage[c][0], begin, stop])  # (count,), count ≤ CHUNK (+ 1 when shared)
         offset = lb.op("Slice", [per_stage[c][1], begin, stop]) if degree else None
-        for name, coeffs in tables.items():
-            acc = lb.op("Gather", [coeffs[degree], piece], axis=0)  # (count, *shape)
-            if degree:
-                s_b = lb.op("Reshape", [offset, g.ints([-1] + [1] * (coefficients[name][0].ndim - 1))])
-                for m in reversed(range(degree)):
-                    acc = lb.op("Add", [lb.op("Mul", [acc, s_b]), lb.op("Gather", [coeffs[m], piece], axis=0)])
+        for name, acc in form_weights(lb, g, tables, ranks, degree, piece, offset).items():  # (count, *shape)
             if shared and c == 0.0:  # rows n .. n + count: c = 0 takes the first count, c = 1 the last count
                 formed[(1.0, name)] = lb.op("Slice", [acc, g.ints([1]), g.ints([np.iinfo(np.int64).max])])
                 acc = lb.op("Slice", [acc, g.ints([0]), g.ints([-1])])
@@ -479,4 +502,5 @@ def dynamic_graph(model: ODENet, metadata: dict[str, str] | None = None) -> onnx
                    f"resode ODENet, scheme {model.config.scheme}, depth given at run time", metadata or {})
 
 
-__all__ = ["CHUNK", "OPSET", "dynamic_graph", "piecewise_polynomial", "static_graph"]
+__all__ = ["CHUNK", "OPSET", "curve_coefficients", "dynamic_graph", "form_weights", "piecewise_polynomial",
+           "stage_pieces", "static_graph"]
