@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .data import Dataset
-from .errors import ResodeError
+from .errors import ResodeError, one_line
 from .evaluate import accuracy, predict, relative_deviation
 from .export import onnx_session, run_onnx
 from .io import atomic_write
@@ -125,7 +125,7 @@ def check_onnx(path: Path, data: Dataset, depths: list[int], tolerance: float, r
     except ResodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - a file onnxruntime cannot load is bad input
-        message = " ".join(str(exc).split())[:200]
+        message = one_line(str(exc))
         raise ResodeError(f"onnxruntime cannot load {path.name} ({message}); export it again with resode "
                           "export") from None
     in_shape = tuple(session.get_inputs()[0].shape[1:])

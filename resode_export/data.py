@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import ResodeError
+from .errors import ResodeError, one_line
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -128,7 +128,7 @@ def npz(path: str | os.PathLike) -> Dataset:
         if "pickle" in str(exc):
             raise ResodeError(f"cannot read {str(path)!r}: it holds pickled (object) arrays and resode never unpickles "
                               "data; save numeric arrays, e.g. np.savez(path, x_train=x.astype(np.float32), ...)") from None
-        text = " ".join(str(exc).split())[:200]
+        text = one_line(str(exc))
         raise ResodeError(f"cannot read {str(path)!r} as .npz ({text}); give an .npz of numeric arrays x_train, "
                           "y_train, x_test, y_test") from None
     for split in ("train", "test"):

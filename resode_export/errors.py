@@ -10,6 +10,11 @@ class ResodeError(ValueError):
     """
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line and at most 200 characters: an exception quoted inside a ResodeError."""
+    return " ".join(text.split())[:200]
+
+
 def check_choice(kind: str, name: str, registry) -> str:
     """Return ``name`` if it is a key of ``registry``, else raise listing the valid names."""
     if name not in registry:

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import ResodeError
+from .errors import ResodeError, one_line
 from .network import ODENet, ODENetConfig
 
 FORMAT_VERSION = 1
@@ -143,7 +143,7 @@ def read_safetensors(path: Path, verify: bool = True) -> tuple[dict[str, torch.T
             metadata = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as exc:  # safetensors raises its own error types for every corruption
-        text = " ".join(str(exc).split())[:200]
+        text = one_line(str(exc))
         raise ResodeError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {text}; "
                           "restore it from a backup or write it again") from None
     if verify:
@@ -246,13 +246,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ODENet, dict]:
     except ResodeError as exc:
         raise ResodeError(f"{str(path)!r} has an invalid config: {exc}") from None
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
-        raise ResodeError(f"{str(path)!r} has an invalid config: {' '.join(repr(exc).split())[:200]}") from None
+        raise ResodeError(f"{str(path)!r} has an invalid config: {one_line(repr(exc))}") from None
     if expected is not None:
         _check_tensors(path, tensors, expected)
     try:
         model = ODENet(config)
     except (ResodeError, KeyError, TypeError, ValueError, ArithmeticError, RuntimeError) as exc:
-        raise ResodeError(f"{str(path)!r} has an invalid config: {' '.join(repr(exc).split())[:200]}") from None
+        raise ResodeError(f"{str(path)!r} has an invalid config: {one_line(repr(exc))}") from None
     if expected is None:
         _check_tensors(path, tensors, {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()})
     verify_digest(path, tensors, metadata, required=header.pop("checksum", None) is not None)

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .data import Dataset
-from .errors import ResodeError, check_choice
+from .errors import ResodeError, check_choice, one_line
 from .evaluate import accuracy, predict, progress_bar
 from .gradients import reconstruction_error
 from .io import CHECKSUM, atomic_write, load_checkpoint, read_safetensors, save_checkpoint, verify_digest, write_safetensors
@@ -151,7 +151,7 @@ def _load_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
     except ResodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - any inconsistency of the file is bad input
-        text = " ".join(repr(exc).split())[:200]
+        text = one_line(repr(exc))
         raise ResodeError(f"cannot resume: {str(path)!r} holds no usable training state ({text}); "
                           "start the run again without --resume") from None
     if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
@@ -296,7 +296,7 @@ def train(
             _restore_monitors(model, monitors)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
             raise ResodeError(f"cannot resume: the training state of {str(out)!r} does not fit its model "
-                              f"({' '.join(repr(exc).split())[:200]}); start the run again") from None
+                              f"({one_line(repr(exc))}); start the run again") from None
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ResodeError, check_choice
+from ..errors import ResodeError, check_choice, one_line
 from ..io import read_safetensors
 from ..network import MAX_DEPTH, ODENet, ODENetConfig
 
@@ -86,10 +86,6 @@ class Layout:
 # --- reading ---------------------------------------------------------------------------------
 
 
-def _fix_text(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:200]
-
-
 def _is_torchscript(path: Path) -> bool:
     """torch.jit.save archives hold compiled code (``code/``) and ``constants.pkl``; torch.save files do not."""
     try:
@@ -126,7 +122,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             raise ResodeError(
                 f"{str(path)!r} holds pickled objects other than tensors, and resode loads .pt/.pth files only with "
                 "torch.load(weights_only=True), which never runs their code; save the weights alone with "
-                f"torch.save(model.state_dict(), ...) ({_fix_text(exc).split('.')[0]})") from None
+                f"torch.save(model.state_dict(), ...) ({one_line(str(exc)).split('.')[0]})") from None
         except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError) as exc:
             raise ResodeError(f"{str(path)!r} is not a readable torch.save file (truncated or corrupt?): "
                               f"{type(exc).__name__}") from None
