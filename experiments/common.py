@@ -6,11 +6,18 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def loglog_slope(xs, ys) -> float:
     """Least-squares slope of log(y) against log(x)."""
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+
+
+def run_footer(seconds: float, files: list[str], command: str) -> list[str]:
+    """The closing lines of an experiment's markdown: run time, files written, the command that reproduces it."""
+    return ["", f"Run time: {seconds:.0f} s on CPU ({torch.get_num_threads()} thread, torch {torch.__version__}). "
+            f"Files: {', '.join(f'`{f}`' for f in files)}.", "", "Command:", "", "```", command, "```", ""]
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> None:

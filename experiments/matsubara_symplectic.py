@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchmarks/
 
 from common import loglog_slope as slope  # noqa: E402
-from common import write_csv  # noqa: E402
+from common import run_footer, write_csv  # noqa: E402
 
 from benchmarks.memory import ARCHS, BATCH, saved_bytes  # noqa: E402
 from resode_export.gradients import GRADIENTS, compatible  # noqa: E402
@@ -249,9 +249,7 @@ def write_markdown(path: Path, exact_rows, cost_rows, rows, command: str, second
               "jobs (1 thread), so differences under ~20 % are noise; the slowest method at N="
               f"{d1} is " + ", ".join(f"{m} for {s}" for s, m in slowest.items())
               + (" (backprop keeps by far the most memory there)." if set(slowest.values()) == {"backprop"} else ".")]
-    lines += ["", f"Run time: {seconds:.0f} s on CPU (1 thread, torch {torch.__version__}). "
-              f"Files: `{NAME}_exactness.csv`, `{NAME}_cost.csv`, `{NAME}.png`.", "",
-              "Command:", "", "```", command, "```", ""]
+    lines += run_footer(seconds, [f"{NAME}_exactness.csv", f"{NAME}_cost.csv", f"{NAME}.png"], command)
     path.write_text("\n".join(lines))
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from common import loglog_slope as fitted_slope
-from common import write_csv
+from common import run_footer, write_csv
 
 from resode_export.data import load_data
 from resode_export.gradients import reconstruction_error
@@ -344,9 +344,8 @@ def write_markdown(path: Path, grad_rows, train_rows, fits, rows, command: str, 
               "gave 94.7 % (12 epochs) and 95.3 % (20 epochs) at depth 4. A first full run at lr 3e-3, 12 epochs, "
               "depths 4–256 gave 94.44–94.67 % for every scheme, depth and method: adjoint = "
               "backprop everywhere, a regime too gentle to test the claims about small depth."]
-    lines += ["", f"Run time: {seconds:.0f} s on CPU ({torch.get_num_threads()} thread, torch {torch.__version__}). "
-              "Files: `sander_adjoint_gradients.csv`, `sander_adjoint_training.csv`, `sander_adjoint.png`.", "",
-              "Command:", "", "```", command, "```", ""]
+    lines += run_footer(seconds, ["sander_adjoint_gradients.csv", "sander_adjoint_training.csv", "sander_adjoint.png"],
+                        command)
     path.write_text("\n".join(lines))
 
 

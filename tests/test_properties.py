@@ -232,17 +232,18 @@ def mutated_headers(draw, header: dict) -> str:
     return text
 
 
-def _header(path: Path) -> dict:
-    return json.loads(rio.read_safetensors(path)[1]["resode"])
+def _mutated_checkpoint(folder: Path, scratch: Path, data) -> Path:
+    """The trained checkpoint with a mutated header, rewritten with a valid checksum: the header speaks."""
+    tensors, metadata = rio.read_safetensors(folder / "run.safetensors")
+    text = data.draw(mutated_headers(json.loads(metadata["resode"])))
+    return write_safetensors(scratch / "m.safetensors", tensors, {"resode": text})
 
 
 @_settings(60)
 @given(data=st.data())
 def test_mutated_checkpoint_headers(folder, data):
     scratch = _scratch(folder)
-    tensors, _ = rio.read_safetensors(folder / "run.safetensors")
-    text = data.draw(mutated_headers(_header(folder / "run.safetensors")))
-    bad = write_safetensors(scratch / "m.safetensors", tensors, {"resode": text})  # a valid checksum: the header speaks
+    bad = _mutated_checkpoint(folder, scratch, data)
     code, stdout, err = _run(["convert", bad, "--limit", "8", "--json", "--out", scratch / "out.safetensors"])
     _assert_clean(code, stdout, err, True)
     if code == 0:
@@ -253,9 +254,7 @@ def test_mutated_checkpoint_headers(folder, data):
 @given(data=st.data())
 def test_mutated_headers_on_resume(folder, data):
     scratch = _scratch(folder)
-    tensors, _ = rio.read_safetensors(folder / "run.safetensors")
-    text = data.draw(mutated_headers(_header(folder / "run.safetensors")))
-    bad = write_safetensors(scratch / "m.safetensors", tensors, {"resode": text})
+    bad = _mutated_checkpoint(folder, scratch, data)
     shutil.copy(state_path(folder / "run.safetensors"), state_path(bad))
     code, stdout, err = _run(["train", "--resume", "--epochs", "2", "--batch-size", "16", "--device", "cpu",
                               "--out", bad, "--json"])
