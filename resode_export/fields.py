@@ -7,6 +7,7 @@ ODE (Sander et al. 2022; Marion et al. 2024).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -45,6 +46,37 @@ class Field:
     def config(self) -> dict:
         return {"kind": self.name, **self.__dict__}
 
+    def vjp(self, x: Tensor, theta: Theta, cotangent: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+        """(∂f/∂x)ᵀ v and [(∂f/∂θ_k)ᵀ v in ``theta``'s key order] at (x, θ), for v = ``cotangent``.
+
+        The adjoint methods need these without f's value. This default differentiates f by
+        autograd; fields that end with a linear layer override :meth:`_vjp_split` so that the
+        layer's forward is never run: its VJP needs only its input (one convolution or matmul
+        fewer per backward step, and one activation less held).
+        """
+        split = self._vjp_split()
+        head, tail = (list(theta), None) if split is None else split
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            leaves = {k: theta[k].detach().requires_grad_(True) for k in head}
+            if tail is None:
+                out, out_bar, tail_grads = self(x, leaves), cotangent, {}
+            else:
+                out = self._vjp_hidden(x, leaves)
+                out_bar, tail_grads = tail(out.detach(), theta, cotangent)
+            grads = torch.autograd.grad(out, [x, *leaves.values()], out_bar, allow_unused=True)
+        by_name = dict(zip(head, grads[1:])) | tail_grads
+        return grads[0], [by_name.get(k) for k in theta]
+
+    def _vjp_split(self):
+        """None, or (names of the weights before the last linear layer, that layer's VJP): the VJP is a
+        function (hidden, θ, v) → (cotangent of hidden, {name: weight gradient}), and
+        :meth:`_vjp_hidden` computes the hidden input of that layer."""
+        return None
+
+    def _vjp_hidden(self, x: Tensor, theta: Theta) -> Tensor:
+        raise NotImplementedError
+
     # A projected field makes every step of a solve end with a projection P onto its state set:
     # x_{n+1} = P(x_n + h Σ b_i k_i). torchvision blocks compute relu(x + F(x)), the Euler step projected
     # by P = relu. The identity for every other field.
@@ -57,6 +89,41 @@ class Field:
     def project_vjp(self, projected: Tensor, cotangent: Tensor) -> Tensor:
         """The cotangent of P's input, from P's *output* and the cotangent of that output."""
         return cotangent
+
+
+def _linear_vjp(weight: str, bias: str | None):
+    """The VJP of y = h Wᵀ (+ b) over the last axis, from its input h alone."""
+
+    def vjp(h, theta, v):
+        w = theta[weight]
+        grads = {weight: v.reshape(-1, v.shape[-1]).T @ h.reshape(-1, h.shape[-1])}
+        if bias is not None:
+            grads[bias] = v.reshape(-1, v.shape[-1]).sum(0)
+        return v @ w, grads
+
+    return vjp
+
+
+def _conv_vjp(weight: str, shift: str, scale: str | None, padding: int, groups: int):
+    """The VJP of y = conv(h, w) · s + t (per output channel; s = 1 without ``scale``), from h alone.
+
+    With G = ∂⟨v, conv(h, w)⟩/∂w (one weight-gradient convolution): w̄ = s G, s̄_c = Σ w_c ⊙ G_c
+    (⟨v_c, conv(h, w)_c⟩ is linear in w_c), t̄ = Σ v, h̄ = conv_input_grad(w, s v).
+    """
+
+    def vjp(h, theta, v):
+        w = theta[weight]
+        conv_grads = functools.partial(torch.ops.aten.convolution_backward, stride=[1, 1], padding=[padding] * 2,
+                                       dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=groups)
+        if scale is None:
+            h_bar, w_bar, t_bar = conv_grads(v, h, w, bias_sizes=[w.shape[0]], output_mask=[True, True, True])
+            return h_bar, {weight: w_bar, shift: t_bar}
+        s = theta[scale]
+        h_bar = conv_grads(v * s[:, None, None], h, w, bias_sizes=None, output_mask=[True, False, False])[0]
+        g = conv_grads(v, h, w, bias_sizes=None, output_mask=[False, True, False])[1]  # G (not w̄ / s: s may be 0)
+        return h_bar, {weight: g * s[:, None, None, None], scale: (w * g).sum((1, 2, 3)), shift: v.sum((0, 2, 3))}
+
+    return vjp
 
 
 def _uniform(shape, bound: float, generator) -> Tensor:
@@ -87,8 +154,13 @@ class MLPField(Field):
         }
 
     def __call__(self, x, theta):
-        z = F.linear(x, theta["W"], theta["b"])  # (B, hidden)
-        return F.linear(ACTIVATIONS[self.activation](z), theta["V"])  # (B, dim)
+        return F.linear(self._vjp_hidden(x, theta), theta["V"])  # (B, dim)
+
+    def _vjp_hidden(self, x, theta):
+        return ACTIVATIONS[self.activation](F.linear(x, theta["W"], theta["b"]))  # (B, hidden)
+
+    def _vjp_split(self):
+        return ("W", "b"), _linear_vjp("V", None)
 
 
 @dataclass(frozen=True)
@@ -129,9 +201,14 @@ class ConvField(Field):
         }
 
     def __call__(self, x, theta):
+        return F.conv2d(self._vjp_hidden(x, theta), theta["w2"], theta["b2"], padding=1)
+
+    def _vjp_hidden(self, x, theta):
         z = F.conv2d(x, theta["w1"], theta["b1"], padding=1)  # (B, C, H, W)
-        z = F.group_norm(z, self.groups, theta["gamma"], theta["beta"])
-        return F.conv2d(ACTIVATIONS[self.activation](z), theta["w2"], theta["b2"], padding=1)
+        return ACTIVATIONS[self.activation](F.group_norm(z, self.groups, theta["gamma"], theta["beta"]))
+
+    def _vjp_split(self):
+        return ("w1", "b1", "gamma", "beta"), _conv_vjp("w2", "b2", None, padding=1, groups=1)
 
 
 @dataclass(frozen=True)
@@ -149,6 +226,12 @@ class LinearField(Field):
 
     def __call__(self, x, theta):
         return F.linear(x, theta["A"])
+
+    def _vjp_hidden(self, x, theta):
+        return x
+
+    def _vjp_split(self):
+        return (), _linear_vjp("A", None)
 
 
 BLOCK_KINDS = ("basic", "bottleneck")
@@ -219,8 +302,12 @@ class ResBlockField(Field):
         return theta
 
     def __call__(self, x, theta):
+        return self._layers(x, theta, len(self.convs()))
+
+    def _layers(self, x, theta, count):
+        """The first ``count`` conv (+ BN) layers, each but the branch's last followed by ReLU."""
         convs = self.convs()
-        for i, (_, padding, groups) in enumerate(convs, start=1):
+        for i, (_, padding, groups) in enumerate(convs[:count], start=1):
             if self.bn == "fold":
                 x = F.conv2d(x, theta[f"w{i}"], theta[f"b{i}"], padding=padding, groups=groups)
             else:
@@ -229,6 +316,17 @@ class ResBlockField(Field):
             if i < len(convs):
                 x = F.relu(x)
         return x
+
+    def _vjp_hidden(self, x, theta):
+        return self._layers(x, theta, len(self.convs()) - 1)
+
+    def _vjp_split(self):
+        last = len(self.convs())
+        _, padding, groups = self.convs()[-1]
+        head = tuple(k for k in self.param_shapes() if int(k[1:]) < last)
+        if self.bn == "fold":
+            return head, _conv_vjp(f"w{last}", f"b{last}", None, padding, groups)
+        return head, _conv_vjp(f"w{last}", f"t{last}", f"s{last}", padding, groups)
 
     def project(self, x):
         return F.relu(x)

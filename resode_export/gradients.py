@@ -132,14 +132,13 @@ def _vjp_with_value(field: Field, x: Tensor, theta: Theta, cotangent: Tensor):
 
 
 def _stage_adjoint(field: Field, steps: _Steps, x: Tensor, thetas: list[Theta], g: Tensor,
-                   grads: list[Tensor], n: int, x_next: Tensor) -> Tensor:
+                   grads: list[Tensor], n: int) -> Tensor:
     """Reverse-mode through one explicit RK step from its input x, one stage graph at a time.
 
-    x_{n+1} = P(x + h Σ b_i k_i), k_i = f(X_i, θ_i), X_i = x + h Σ_{j<i} a_ij k_j. With ḡ the cotangent
-    of P's input (from ∂L/∂x_{n+1} and x_{n+1} itself): k̄_i = h b_i ḡ + h Σ_{l>i} a_li X̄_l,
-    X̄_i = (∂f/∂x)ᵀ k̄_i, θ̄_i = (∂f/∂θ)ᵀ k̄_i, x̄ = ḡ + Σ_i X̄_i.
+    x_{n+1} = P(x + h Σ b_i k_i), k_i = f(X_i, θ_i), X_i = x + h Σ_{j<i} a_ij k_j. ``g`` is ḡ, the
+    cotangent of P's input (the caller applies P's VJP, so x_{n+1} need not be held here):
+    k̄_i = h b_i ḡ + h Σ_{l>i} a_li X̄_l, X̄_i = (∂f/∂x)ᵀ k̄_i, θ̄_i = (∂f/∂θ)ᵀ k̄_i, x̄ = ḡ + Σ_i X̄_i.
     """
-    g = field.project_vjp(x_next, g)
     tab, h = steps.tableau, steps.h
     s = tab.stages
     stage_inputs, ks = [], []
@@ -163,7 +162,7 @@ def _stage_adjoint(field: Field, steps: _Steps, x: Tensor, thetas: list[Theta], 
                 k_bar = term if k_bar is None else k_bar + term
         if k_bar is None:  # a stage nothing depends on (b_i = 0 and unused later)
             continue
-        _, stage_bars[i], theta_grads = _vjp_with_value(field, stage_inputs[i], thetas[i], k_bar)
+        stage_bars[i], theta_grads = field.vjp(stage_inputs[i], thetas[i], k_bar)  # f's value is not needed
         steps.accumulate(grads, n, i, theta_grads)
         x_bar = x_bar + stage_bars[i]
     return x_bar
@@ -215,7 +214,6 @@ class _SolveFunction(torch.autograd.Function):
         x = x_out = y
         for n in reversed(range(steps.depth)):
             thetas = [{k: v.detach() for k, v in t.items()} for t in steps.thetas(knots, n)]
-            x_next = x
             if ctx.method == "adjoint_fast":  # here x is already step n's input x̃_n, x_out its output
                 if n == steps.depth - 1:  # x̃_{M−1} as the plain adjoint has it
                     with torch.no_grad():
@@ -228,12 +226,15 @@ class _SolveFunction(torch.autograd.Function):
                 x_out = x
                 x, g, f_later = field.project(x - steps.h * (2 * fx - f_later)), g + x_grad, fx
                 continue
+            # P's VJP first, so that x_{n+1} is released before the step's VJP: one state less at the peak
             if ctx.method == "adjoint":
+                g = field.project_vjp(x, g)
                 with torch.no_grad():
                     x = _reverse_step(field, x, thetas, steps.tableau, steps.h)
             else:
-                x, x_next = states[n], (states[n + 1] if n + 1 < steps.depth else y)
-            g = _stage_adjoint(field, steps, x, thetas, g, grads, n, x_next)
+                g = field.project_vjp(states[n + 1] if n + 1 < steps.depth else y, g)
+                x = states[n]
+            g = _stage_adjoint(field, steps, x, thetas, g, grads, n)
         if ctx.monitor is not None:
             x0 = states[0]
             ctx.monitor.record(float((x - x0).norm() / x0.norm().clamp_min(torch.finfo(x0.dtype).tiny)))

@@ -48,3 +48,28 @@ def test_bad_field_arguments():
     with pytest.raises(ValueError, match="multiple of groups"):
         ConvField(6, 4)
     assert set(FIELDS) == {"mlp", "conv", "linear", "resblock"}
+
+
+VJP_CASES = CASES + [(MLPField(5, 7, "tanh"), (2, 3, 5)), (ResBlockField(8, 4, "bottleneck", 2, "frozen"), (2, 8, 5, 5)),
+                     (ResBlockField(6, 6, "basic", 1, "fold"), (2, 6, 4, 4))]
+
+
+@pytest.mark.parametrize("field, x_shape", VJP_CASES, ids=lambda c: getattr(c, "name", ""))
+def test_vjp_matches_autograd_without_the_last_layer_forward(field, x_shape):
+    """Field.vjp (which never runs the last linear layer forward) is autograd's VJP, in float64; a
+    zero BN scale (the frozen form's init) included, where w̄ = s G must not divide by s."""
+    gen = torch.Generator().manual_seed(3)
+    theta = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in field.param_shapes().items()}
+    if getattr(field, "bn", None) == "frozen":
+        last = len(field.convs())
+        theta[f"s{last}"][::2] = 0.0
+    x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+    v = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+    leaves = {k: t.clone().requires_grad_(True) for k, t in theta.items()}
+    xl = x.clone().requires_grad_(True)
+    expected = torch.autograd.grad(field(xl, leaves), [xl, *leaves.values()], v)
+    x_bar, theta_bars = field.vjp(x, theta, v)
+    assert x_bar.shape == x.shape and len(theta_bars) == len(theta)
+    for got, want in zip([x_bar, *theta_bars], expected):
+        assert got.shape == want.shape
+        assert float((got - want).norm()) <= 1e-12 * float(want.norm())
