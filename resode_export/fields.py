@@ -56,15 +56,16 @@ class Field:
         """
         split = self._vjp_split()
         head, tail = (list(theta), None) if split is None else split
+        tail_grads: dict[str, Tensor] = {}
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             leaves = {k: theta[k].detach().requires_grad_(True) for k in head}
             if tail is None:
-                out, out_bar, tail_grads = self(x, leaves), cotangent, {}
-            else:
-                out = self._vjp_hidden(x, leaves)
-                out_bar, tail_grads = tail(out.detach(), theta, cotangent)
-            grads = torch.autograd.grad(out, [x, *leaves.values()], out_bar, allow_unused=True)
+                root, root_bar = self(x, leaves), cotangent
+            else:  # the graph, not this frame, holds the hidden input: freed as soon as its last user ran
+                tail_theta = {k: v.detach() for k, v in theta.items() if k not in leaves}
+                root, root_bar = _TailVJP.apply(tail, tail_theta, cotangent, tail_grads, self._vjp_hidden(x, leaves)), None
+            grads = torch.autograd.grad(root, [x, *leaves.values()], root_bar, allow_unused=True)
         by_name = dict(zip(head, grads[1:])) | tail_grads
         return grads[0], [by_name.get(k) for k in theta]
 
@@ -89,6 +90,25 @@ class Field:
     def project_vjp(self, projected: Tensor, cotangent: Tensor) -> Tensor:
         """The cotangent of P's input, from P's *output* and the cotangent of that output."""
         return cotangent
+
+
+class _TailVJP(torch.autograd.Function):
+    """The root of a field's VJP graph (:meth:`Field.vjp`): a scalar whose backward is the last linear
+    layer's VJP with the cotangent v, computed from the layer's input h alone. It writes the layer's
+    weight gradients into ``out_grads`` and hands the cotangent of h to the rest of the graph."""
+
+    @staticmethod
+    def forward(ctx, tail, theta, v, out_grads, h):
+        ctx.tail, ctx.theta, ctx.v, ctx.out_grads = tail, theta, v, out_grads
+        ctx.save_for_backward(h)
+        return h.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        (h,) = ctx.saved_tensors
+        h_bar, grads = ctx.tail(h, ctx.theta, ctx.v)
+        ctx.out_grads.update(grads)
+        return None, None, None, None, h_bar
 
 
 def _linear_vjp(weight: str, bias: str | None):

@@ -108,17 +108,18 @@ class _Steps:
         """Stage weights of step n: one {name: tensor} per stage."""
         return [self.theta(knots, n, i) for i in range(len(self.index[n]))]
 
-    def accumulate(self, grads: list[Tensor], n: int, stage: int, theta_grads: list[Tensor | None]) -> None:
-        """Add a stage's weight gradients to the knots' gradients (the adjoint of sampling)."""
+    def accumulate(self, grads: list[Tensor], n: int, stage: int, theta_grads: list[Tensor | None],
+                   scale: float = 1.0) -> None:
+        """Add ``scale`` × a stage's weight gradients to the knots' gradients (the adjoint of sampling)."""
         plan = self._plan(grads[0], n, stage)
         for g, tg in zip(grads, theta_grads):
             if tg is None:
                 continue
             if isinstance(plan, int):
-                g[plan].add_(tg)
+                g[plan].add_(tg, alpha=scale)
             else:
                 rows, w = plan
-                g.index_add_(0, rows, w.reshape(-1, *[1] * tg.dim()) * tg.unsqueeze(0))
+                g.index_add_(0, rows, w.reshape(-1, *[1] * tg.dim()) * tg.unsqueeze(0), alpha=scale)
 
 
 def _vjp_with_value(field: Field, x: Tensor, theta: Theta, cotangent: Tensor):
@@ -150,21 +151,23 @@ def _stage_adjoint(field: Field, steps: _Steps, x: Tensor, thetas: list[Theta], 
                     xi = xi + (h * tab.a[i][j]) * ks[j]
             stage_inputs.append(xi)
             ks.append(field(xi, thetas[i]) if i < s - 1 else None)  # the last stage's k is never reused
+    # With k̄_i = h u_i and X̄_i = h Y_i: u_i = b_i ḡ + h Σ_{l>i} a_li Y_l and Y_i = (∂f/∂x)ᵀ u_i. Factoring
+    # h out makes Euler's u the cotangent ḡ itself: no scaled copy of it is held through the VJP.
     x_bar = g
-    stage_bars: list[Tensor | None] = [None] * s
+    ys: list[Tensor | None] = [None] * s
     for i in reversed(range(s)):
-        k_bar = None
+        u = None
         if tab.b[i]:
-            k_bar = (h * tab.b[i]) * g
+            u = g if tab.b[i] == 1 else tab.b[i] * g
         for ell in range(i + 1, s):
-            if tab.a[ell][i] and stage_bars[ell] is not None:
-                term = (h * tab.a[ell][i]) * stage_bars[ell]
-                k_bar = term if k_bar is None else k_bar + term
-        if k_bar is None:  # a stage nothing depends on (b_i = 0 and unused later)
+            if tab.a[ell][i] and ys[ell] is not None:
+                term = (h * tab.a[ell][i]) * ys[ell]
+                u = term if u is None else u + term
+        if u is None:  # a stage nothing depends on (b_i = 0 and unused later)
             continue
-        stage_bars[i], theta_grads = field.vjp(stage_inputs[i], thetas[i], k_bar)  # f's value is not needed
-        steps.accumulate(grads, n, i, theta_grads)
-        x_bar = x_bar + stage_bars[i]
+        ys[i], theta_grads = field.vjp(stage_inputs[i], thetas[i], u)  # f's value is not needed
+        steps.accumulate(grads, n, i, theta_grads, scale=h)
+        x_bar = torch.add(x_bar, ys[i], alpha=h)
     return x_bar
 
 
