@@ -1,10 +1,18 @@
-"""Bytes saved for backward by each gradient method against depth (CPU).
+"""Bytes saved for backward by each gradient method against depth (CPU), and the peak of a step.
 
     python benchmarks/memory.py --json > benchmarks/results/memory.json
 
-For a ResNet of depth N (N knots, N steps of --scheme; reversible Heun for ``reversible``), counts the bytes of every tensor that
-autograd saves for backward during the forward pass (``torch.autograd.graph.saved_tensors_hooks``),
-once per storage, leaving out the model's parameters (held by the model whatever the method).
+For a ResNet of depth N (N knots, N steps of --scheme; reversible Heun for ``reversible``):
+
+- ``saved_bytes``: the bytes of every tensor that autograd saves for backward during the forward
+  pass (``torch.autograd.graph.saved_tensors_hooks``), once per storage, leaving out the model's
+  parameters (held by the model whatever the method).
+- ``peak_bytes``: the most bytes live at once during one forward + backward, beyond what was
+  allocated before it and beyond the parameters' gradients (which every method allocates): the
+  CPU counterpart of ``torch.cuda.max_memory_allocated``, from the allocation events of
+  ``torch.profiler`` (``profile_memory=True``). It counts the backward's working memory too,
+  which ``saved_bytes`` does not.
+
 Targets (issue 3): ``adjoint`` and ``reversible`` at depth 512 within 1.05× of their depth-8
 figure; ``backprop`` grows linearly.
 """
@@ -13,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 
 import torch
@@ -48,6 +58,27 @@ def saved_bytes(model: ODENet, x: torch.Tensor) -> tuple[int, float]:
     return sum(seen.values()), time.perf_counter() - start
 
 
+def peak_bytes(model: ODENet, x: torch.Tensor) -> int:
+    """Peak bytes live during one forward + backward, beyond those live before it and the gradients."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(x).square().sum().backward()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    live = peak = 0
+    for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
+        live += e["args"]["Bytes"]
+        peak = max(peak, live)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    return peak - grads
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", default="8,32,128,512")
@@ -67,15 +98,18 @@ def main() -> None:
                 if method == "reversible" and arch == "resnet":
                     continue  # the relu projection cannot be undone: no reversible scheme for these blocks
                 scheme = "reversible_heun" if method == "reversible" else args.scheme
-                nbytes, seconds = saved_bytes(model.discretize(scheme=scheme, grad=method), x)
+                discrete = model.discretize(scheme=scheme, grad=method)
+                nbytes, seconds = saved_bytes(discrete, x)
                 rows.append({"method": method, "arch": arch, "depth": depth, "scheme": scheme,
-                             "batch": BATCH[arch], "saved_bytes": nbytes, "seconds": round(seconds, 3)})
+                             "batch": BATCH[arch], "saved_bytes": nbytes, "peak_bytes": peak_bytes(discrete, x),
+                             "seconds": round(seconds, 3)})
     if args.json:
         print(json.dumps({"rows": rows}, indent=1))
         return
-    table = Table("arch", "method", "depth", "saved MiB", "s")
+    table = Table("arch", "method", "depth", "saved MiB", "peak MiB", "s")
     for r in rows:
-        table.add_row(r["arch"], r["method"], str(r["depth"]), f"{r['saved_bytes'] / 2**20:.2f}", str(r["seconds"]))
+        table.add_row(r["arch"], r["method"], str(r["depth"]), f"{r['saved_bytes'] / 2**20:.2f}",
+                      f"{r['peak_bytes'] / 2**20:.2f}", str(r["seconds"]))
     Console().print(table)
 
 

@@ -220,8 +220,8 @@ def train(
     schedule: Annotated[ScheduleName, typer.Option(help="Learning-rate schedule.")] = ScheduleName.cosine,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
     batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (split across torchrun processes).")] = 128,
-    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(min=0.0, help="Decoupled weight decay.")] = 0.0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate, > 0.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay, >= 0.")] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[DeviceName, typer.Option(help="auto picks cuda when there is one.")] = DeviceName.auto,
     out: Annotated[Path, typer.Option(

@@ -223,11 +223,12 @@ class _SolveFunction(torch.autograd.Function):
                         f_later = field(x, thetas[0])
                         x = field.project(x - steps.h * f_later)
                 g = field.project_vjp(x_out, g)
-                fx, x_grad, theta_grads = _vjp_with_value(field, x, thetas[0], steps.h * g)
-                steps.accumulate(grads, n, 0, theta_grads)
+                fx, x_grad, theta_grads = _vjp_with_value(field, x, thetas[0], g)  # VJPs with ḡ, then × h
+                steps.accumulate(grads, n, 0, theta_grads, scale=steps.h)
                 # x̃_{n−1} = x̃_n − h f(x_{n−1}, θ_{n−1}), with f along the path extrapolated from its last two values
                 x_out = x
-                x, g, f_later = field.project(x - steps.h * (2 * fx - f_later)), g + x_grad, fx
+                x, g, f_later = (field.project(x - steps.h * (2 * fx - f_later)), torch.add(g, x_grad, alpha=steps.h),
+                                 fx)
                 continue
             # P's VJP first, so that x_{n+1} is released before the step's VJP: one state less at the peak
             if ctx.method == "adjoint":

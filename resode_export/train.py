@@ -64,11 +64,13 @@ class TrainOptions:
     def __post_init__(self):
         check_choice("optimizer", self.optimizer, dict.fromkeys(OPTIMIZERS))
         check_choice("schedule", self.schedule, dict.fromkeys(SCHEDULES))
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or not self.weight_decay >= 0:
-            raise ResodeError("epochs and batch size must be at least 1, the learning rate positive, weight decay >= 0")
-        if not (self.lr <= MAX_RATE and self.weight_decay <= MAX_RATE):  # beyond, optimizer steps overflow float32
-            raise ResodeError(f"the learning rate and weight decay must be at most {MAX_RATE:g} (and finite), "
-                              f"got --lr {self.lr:g}, --weight-decay {self.weight_decay:g}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ResodeError(f"--epochs and --batch-size must be at least 1, got {self.epochs} and {self.batch_size}")
+        # NaN fails every comparison, so it lands here too; beyond MAX_RATE optimizer steps overflow float32
+        if not 0 < self.lr <= MAX_RATE:
+            raise ResodeError(f"--lr must be a number in (0, {MAX_RATE:g}], got {self.lr:g}")
+        if not 0 <= self.weight_decay <= MAX_RATE:
+            raise ResodeError(f"--weight-decay must be a number in [0, {MAX_RATE:g}], got {self.weight_decay:g}")
         if not 0 <= self.seed < 2**32:
             raise ResodeError(f"--seed must be an integer from 0 to {2**32 - 1}, got {self.seed}")
 

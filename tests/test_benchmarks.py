@@ -32,6 +32,8 @@ MEMORY_FREE = [(arch, method) for arch in ("mlp", "conv", "resnet") for method i
 def test_memory_free_methods_are_flat_in_depth(memory_rows, arch, method):
     saved = {r["depth"]: r["saved_bytes"] for r in memory_rows if r["arch"] == arch and r["method"] == method}
     assert saved[64] <= 1.05 * saved[8], saved
+    peak = {r["depth"]: r["peak_bytes"] for r in memory_rows if r["arch"] == arch and r["method"] == method}
+    assert 0 < peak[64] <= 1.05 * peak[8], peak  # the backward's working memory is flat too
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv", "resnet"])
@@ -40,6 +42,8 @@ def test_backprop_memory_grows_linearly(memory_rows, arch):
     saved = {r["depth"]: r["saved_bytes"] for r in memory_rows if r["arch"] == arch and r["method"] == "backprop"}
     fixed = {r["depth"]: r["saved_bytes"] for r in memory_rows if r["arch"] == arch and r["method"] == "adjoint"}
     assert (saved[64] - fixed[64]) / (saved[8] - fixed[8]) > 0.8 * 8, (saved, fixed)
+    peak = {r["depth"]: r["peak_bytes"] for r in memory_rows if r["arch"] == arch and r["method"] == "backprop"}
+    assert peak[64] > 4 * peak[8], peak
 
 
 def test_gpu_benchmark_smoke_on_cpu():

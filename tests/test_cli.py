@@ -187,6 +187,9 @@ def test_convert_leaves_a_training_method_that_cannot_run_the_new_scheme(capsys,
     (["convert", "--depth-scale", "1e308"], "maximum"),
     (["train", "--arch", "conv", "--width", "12"], "multiples of groups"),
     (["train", "--width", "0"], "positive"),
+    (["train", "--lr", "nan"], "--lr must be a number in (0, 1e+06], got nan"),
+    (["train", "--weight-decay", "nan"], "--weight-decay must be a number in [0, 1e+06], got nan"),
+    (["train", "--epochs", "0"], "'--epochs': Input should be greater than or equal to 1"),
 ])
 def test_more_bad_arguments(capsys, tmp_path, args, hint):
     code, out, err = run_cli(capsys, *args, "--out", tmp_path / "m.safetensors")

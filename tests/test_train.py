@@ -128,7 +128,7 @@ def test_npz_data(tmp_path):
 
 
 def test_bad_training_arguments(data):
-    with pytest.raises(ResodeError, match="learning rate"):
+    with pytest.raises(ResodeError, match=r"--lr must be a number in \(0, 1e\+06\], got 0"):
         TrainOptions(lr=0.0)
     with pytest.raises(ResodeError, match="valid optimizers are: adam, sgd"):
         TrainOptions(optimizer="lbfgs")
