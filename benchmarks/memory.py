@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -104,7 +105,8 @@ def main() -> None:
                              "batch": BATCH[arch], "saved_bytes": nbytes, "peak_bytes": peak_bytes(discrete, x),
                              "seconds": round(seconds, 3)})
     if args.json:
-        print(json.dumps({"rows": rows}, indent=1))
+        command = "python benchmarks/memory.py " + " ".join(sys.argv[1:])
+        print(json.dumps({"command": command, "torch": torch.__version__, "rows": rows}, indent=1))
         return
     table = Table("arch", "method", "depth", "saved MiB", "peak MiB", "s")
     for r in rows:

@@ -73,3 +73,26 @@ def test_vjp_matches_autograd_without_the_last_layer_forward(field, x_shape):
     for got, want in zip([x_bar, *theta_bars], expected):
         assert got.shape == want.shape
         assert float((got - want).norm()) <= 1e-12 * float(want.norm())
+
+
+def test_conv_vjp_runs_only_the_first_convolution_forward():
+    """The point of Field.vjp: the last convolution's forward is never run (its VJP needs only its input)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    field = ConvField(8, 4)
+    theta = {k: torch.randn(s) for k, s in field.param_shapes().items()}
+    x, v = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+    with Count() as count:
+        field.vjp(x, theta, v)
+    assert count.calls.get("convolution", 0) == 1, count.calls
+    assert count.calls.get("convolution_backward", 0) == 2, count.calls
