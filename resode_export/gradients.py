@@ -269,24 +269,30 @@ class _ReversibleFunction(torch.autograd.Function):
         x, z, *knots = ctx.saved_tensors
         field, steps, h = ctx.field, ctx.steps, ctx.steps.h
         grads = [torch.zeros_like(k) for k in knots]
-        x_bar, z_bar, f_bar = g, torch.zeros_like(g), torch.zeros_like(g)
-        f_later = None
+        # The adjoints are updated in place (x̄ starts as a copy of the engine's gradient), and step k+1 is
+        # remembered only as x_{k+1} − (h/2)F_{k+1}, all that x_k = x_{k+1} − (h/2)(F_k + F_{k+1}) needs:
+        # fewer states held through each VJP.
+        x_bar, z_bar, f_bar = g.clone(), torch.zeros_like(g), torch.zeros_like(g)
+        x_half = x  # at k = M, x_M itself
         for k in reversed(range(steps.depth + 1)):
             n, stage = (k - 1, 1) if k > 0 else (0, 0)  # point k is stage 1 of step k−1 (or stage 0 of step 0)
             theta = {name: v.detach() for name, v in steps.theta(knots, n, stage).items()}
             if k > 0:
-                f_bar = f_bar + (h / 2) * x_bar
+                f_bar.add_(x_bar, alpha=h / 2)
             fz, z_grad, theta_grads = _vjp_with_value(field, z, theta, f_bar)
             steps.accumulate(grads, n, stage, theta_grads)
-            z_bar = z_bar + z_grad
-            if f_later is not None:  # x_k = x_{k+1} − (h/2)(F_k + F_{k+1})
-                x = x - (h / 2) * (fz + f_later)
+            z_bar.add_(z_grad)
+            del z_grad, theta_grads
             if k == 0:
                 break
-            f_bar, x_bar, z_bar = (h / 2) * x_bar + h * z_bar, x_bar + 2 * z_bar, -z_bar
+            torch.add(x_bar, z_bar, alpha=2, out=f_bar).mul_(h / 2)  # F̄ ← (h/2)x̄ + hẑ̄
+            x_bar.add_(z_bar, alpha=2)
+            z_bar.neg_()
             with torch.no_grad():
-                z = 2 * x - z - h * fz  # ẑ_{k−1}
-            f_later = fz
+                x_k = x_half if k == steps.depth else x_half - (h / 2) * fz
+                z = 2 * x_k - z - h * fz  # ẑ_{k−1}
+                x_half = x_k - (h / 2) * fz
+            del x_k, fz
         return (None, None, x_bar + z_bar, *grads)
 
 
