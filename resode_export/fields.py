@@ -132,6 +132,9 @@ def _conv_vjp(weight: str, shift: str, scale: str | None, padding: int, groups: 
     """
 
     def vjp(h, theta, v):
+        if h.dim() == 3:  # an unbatched sample, which F.conv2d takes too
+            h_bar, grads = vjp(h[None], theta, v[None])
+            return h_bar[0], grads
         w = theta[weight]
         conv_grads = functools.partial(torch.ops.aten.convolution_backward, stride=[1, 1], padding=[padding] * 2,
                                        dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=groups)

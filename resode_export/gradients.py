@@ -181,7 +181,7 @@ def _reverse_step(field: Field, x_next: Tensor, thetas: list[Theta], tableau: Bu
     (the block's input included, for torchvision blocks, whose transitions end with the same ReLU).
     """
     if tableau.stages == 1:
-        return field.project(x_next - h * field(x_next, thetas[0]))
+        return field.project(torch.sub(x_next, field(x_next, thetas[0]), alpha=h))  # one kernel, no h·f copy
     return rk_step(field, x_next, thetas[::-1], tableau, -h)
 
 

@@ -50,8 +50,11 @@ def test_bad_field_arguments():
     assert set(FIELDS) == {"mlp", "conv", "linear", "resblock"}
 
 
-VJP_CASES = CASES + [(MLPField(5, 7, "tanh"), (2, 3, 5)), (ResBlockField(8, 4, "bottleneck", 2, "frozen"), (2, 8, 5, 5)),
-                     (ResBlockField(6, 6, "basic", 1, "fold"), (2, 6, 4, 4))]
+VJP_CASES = CASES + [(MLPField(5, 7, "tanh"), (2, 3, 5)), (MLPField(5, 7, "tanh"), (5,)),
+                     (ResBlockField(8, 4, "bottleneck", 2, "frozen"), (2, 8, 5, 5)),
+                     (ResBlockField(6, 6, "basic", 1, "fold"), (2, 6, 4, 4)),
+                     (ResBlockField(6, 4, "basic", 1, "fold"), (6, 4, 4)),  # unbatched, as F.conv2d takes it
+                     (ResBlockField(6, 4, "basic", 1, "frozen"), (6, 4, 4))]
 
 
 @pytest.mark.parametrize("field, x_shape", VJP_CASES, ids=lambda c: getattr(c, "name", ""))
