@@ -60,7 +60,8 @@ def saved_bytes(model: ODENet, x: torch.Tensor) -> tuple[int, float]:
 
 
 def peak_bytes(model: ODENet, x: torch.Tensor) -> int:
-    """Peak bytes live during one forward + backward, beyond those live before it and the gradients."""
+    """Peak bytes live during one forward + backward, beyond those live before it and the gradients'
+    buffers (found by address: the last allocation at each gradient's address, never freed)."""
     from torch.profiler import ProfilerActivity, profile
 
     model.zero_grad(set_to_none=True)
@@ -71,13 +72,18 @@ def peak_bytes(model: ODENet, x: torch.Tensor) -> int:
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
+    events = [e["args"] for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])]
+    # the gradients' buffers are the last allocations at their addresses (never freed): left out of the count
+    grad_ptrs = {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
+    last = {a["Addr"]: i for i, a in enumerate(events) if a["Bytes"] > 0 and a["Addr"] in grad_ptrs}
+    skip = set(last.values())
     live = peak = 0
-    for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
-        live += e["args"]["Bytes"]
-        peak = max(peak, live)
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    for i, a in enumerate(events):
+        if i not in skip:
+            live += a["Bytes"]
+            peak = max(peak, live)
     model.zero_grad(set_to_none=True)
-    return peak - grads
+    return peak
 
 
 def main() -> None:

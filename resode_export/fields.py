@@ -135,18 +135,30 @@ def _conv_vjp(weight: str, shift: str, scale: str | None, padding: int, groups: 
         if h.dim() == 3:  # an unbatched sample, which F.conv2d takes too
             h_bar, grads = vjp(h[None], theta, v[None])
             return h_bar[0], grads
-        w = theta[weight]
+        # in the dtype F.conv2d would run in (autocast's, when it is on), gradients back in their tensors' dtypes
+        dtype = _conv_dtype(h)
+        w, hc, vc = theta[weight].to(dtype), h.to(dtype), v.to(dtype)
         conv_grads = functools.partial(torch.ops.aten.convolution_backward, stride=[1, 1], padding=[padding] * 2,
                                        dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=groups)
         if scale is None:
-            h_bar, w_bar, t_bar = conv_grads(v, h, w, bias_sizes=[w.shape[0]], output_mask=[True, True, True])
-            return h_bar, {weight: w_bar, shift: t_bar}
-        s = theta[scale]
-        h_bar = conv_grads(v * s[:, None, None], h, w, bias_sizes=None, output_mask=[True, False, False])[0]
-        g = conv_grads(v, h, w, bias_sizes=None, output_mask=[False, True, False])[1]  # G (not w̄ / s: s may be 0)
-        return h_bar, {weight: g * s[:, None, None, None], scale: (w * g).sum((1, 2, 3)), shift: v.sum((0, 2, 3))}
+            h_bar, w_bar, t_bar = conv_grads(vc, hc, w, bias_sizes=[w.shape[0]], output_mask=[True, True, True])
+            return h_bar.to(h.dtype), {weight: w_bar.to(theta[weight].dtype), shift: t_bar.to(theta[shift].dtype)}
+        s = theta[scale].to(dtype)
+        h_bar = conv_grads(vc * s[:, None, None], hc, w, bias_sizes=None, output_mask=[True, False, False])[0]
+        g = conv_grads(vc, hc, w, bias_sizes=None, output_mask=[False, True, False])[1]  # G (not w̄ / s: s may be 0)
+        return h_bar.to(h.dtype), {weight: (g * s[:, None, None, None]).to(theta[weight].dtype),
+                                   scale: (w * g).sum((1, 2, 3)).to(theta[scale].dtype),
+                                   shift: vc.sum((0, 2, 3)).to(theta[shift].dtype)}
 
     return vjp
+
+
+def _conv_dtype(h: Tensor) -> torch.dtype:
+    """The dtype a convolution of h runs in: autocast's when autocast is on for h's device, else h's."""
+    kind = h.device.type
+    if h.is_floating_point() and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return h.dtype
 
 
 def _uniform(shape, bound: float, generator) -> Tensor:

@@ -285,7 +285,7 @@ class _ReversibleFunction(torch.autograd.Function):
             del z_grad, theta_grads
             if k == 0:
                 break
-            torch.add(x_bar, z_bar, alpha=2, out=f_bar).mul_(h / 2)  # F̄ ← (h/2)x̄ + hẑ̄
+            f_bar = torch.add(x_bar, z_bar, alpha=2).mul_(h / 2)  # F̄ ← (h/2)x̄ + hẑ̄ (no out=: create_graph)
             x_bar.add_(z_bar, alpha=2)
             z_bar.neg_()
             with torch.no_grad():

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from resode_export.errors import ResodeError
 from resode_export.fields import ACTIVATIONS, FIELDS, ConvField, LinearField, MLPField, ResBlockField, make_field
@@ -68,6 +69,7 @@ def test_vjp_matches_autograd_without_the_last_layer_forward(field, x_shape):
         theta[f"s{last}"][::2] = 0.0
     x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
     v = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+    theta = dict(reversed(theta.items()))  # gradients come back in theta's order, whatever it is
     leaves = {k: t.clone().requires_grad_(True) for k, t in theta.items()}
     xl = x.clone().requires_grad_(True)
     expected = torch.autograd.grad(field(xl, leaves), [xl, *leaves.values()], v)
@@ -99,3 +101,26 @@ def test_conv_vjp_runs_only_the_first_convolution_forward():
         field.vjp(x, theta, v)
     assert count.calls.get("convolution", 0) == 1, count.calls
     assert count.calls.get("convolution_backward", 0) == 2, count.calls
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_grouped_conv_tail_vjp(scale):
+    """The tail VJP of a grouped convolution (a custom field may end with one): autograd's, float64."""
+    from resode_export.fields import _conv_vjp
+
+    gen = torch.Generator().manual_seed(8)
+    theta = {"w": torch.randn(6, 2, 3, 3, generator=gen, dtype=torch.float64),
+             "t": torch.randn(6, generator=gen, dtype=torch.float64),
+             "s": torch.randn(6, generator=gen, dtype=torch.float64)}
+    h = torch.randn(2, 4, 5, 5, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 6, 5, 5, generator=gen, dtype=torch.float64)
+    leaves = {k: t.clone().requires_grad_(True) for k, t in theta.items()}
+    hl = h.clone().requires_grad_(True)
+    y = F.conv2d(hl, leaves["w"], None if scale else leaves["t"], padding=1, groups=2)
+    if scale:
+        y = y * leaves["s"][:, None, None] + leaves["t"][:, None, None]
+    names = ["w", "t", "s"] if scale else ["w", "t"]
+    expected = torch.autograd.grad(y, [hl, *(leaves[k] for k in names)], v)
+    h_bar, grads = _conv_vjp("w", "t", "s" if scale else None, 1, 2)(h, theta, v)
+    for got, want in zip([h_bar, *(grads[k] for k in names)], expected):
+        assert float((got - want).norm()) <= 1e-12 * float(want.norm())

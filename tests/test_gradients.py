@@ -7,7 +7,7 @@ from resode_export.curves import Curve
 from resode_export.errors import ResodeError
 from resode_export.fields import ConvField, MLPField, ResBlockField
 from resode_export.gradients import GRADIENTS, adjoint_supported, integrate
-from resode_export.network import ODENet
+from resode_export.network import ODEBlock, ODENet
 from resode_export.schemes import SCHEMES, ButcherTableau
 
 from .helpers import fitted_slope, mlp_config, smooth_knots_
@@ -63,6 +63,59 @@ def test_symplectic_equals_backprop_on_conv_fields(field, scheme):
         grads[method] = [x.grad, *(p.grad for p in curve.parameters())]
     for a, b in zip(grads["backprop"], grads["symplectic"]):
         assert float((a - b).norm()) <= 1e-10 * float(a.norm())
+
+
+@pytest.mark.parametrize("method, scheme", [("adjoint", "euler"), ("adjoint", "heun"), ("symplectic", "rk4"),
+                                           ("adjoint_fast", "euler"), ("auto", "euler"),
+                                           ("reversible", "reversible_heun")])
+def test_the_incoming_gradient_is_left_as_it_was(method, scheme):
+    """The custom backwards update their adjoints in place: never the gradient the engine hands them,
+    which a hook on the block's output (or another branch of the graph) may still hold."""
+    field = MLPField(5, 7, "tanh")
+    gen = torch.Generator().manual_seed(5)
+    curve = Curve({k: 0.5 * torch.randn(3, *s, generator=gen, dtype=torch.float64)
+                   for k, s in field.param_shapes().items()}, "linear")
+    x = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    block = ODEBlock(field, curve, 6, scheme, method) if method == "auto" else None
+    y = block(x) if block is not None else integrate(field, x, curve, scheme, 6, method)
+    seen = []
+    y.register_hook(seen.append)
+    (y * weight).sum().backward()
+    assert len(seen) == 1 and torch.equal(seen[0], weight)
+
+
+def test_reversible_gradients_under_create_graph():
+    """A gradient taken with create_graph=True (as a gradient penalty does) is still the exact one."""
+    field = MLPField(5, 7, "tanh")
+    gen = torch.Generator().manual_seed(6)
+    knots = {k: 0.5 * torch.randn(3, *s, generator=gen, dtype=torch.float64) for k, s in field.param_shapes().items()}
+    x = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for method in ("backprop", "reversible"):
+        y = integrate(field, x, Curve({k: v.clone() for k, v in knots.items()}, "linear"), "reversible_heun", 4, method)
+        (grads[method],) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    assert float((grads["reversible"] - grads["backprop"]).norm()) <= 1e-12 * float(grads["backprop"].norm())
+
+
+@pytest.mark.parametrize("method", ["adjoint", "symplectic"])
+def test_conv_adjoints_run_under_autocast(method):
+    """Backward inside torch.autocast: the conv tail VJP runs in autocast's dtype, as F.conv2d would, and
+    hands back gradients in the weights' dtype, close to the same method's without autocast."""
+    field = ConvField(4, 2)
+    gen = torch.Generator().manual_seed(7)
+    knots = {k: 0.3 * torch.randn(3, *s, generator=gen) for k, s in field.param_shapes().items()}
+    x0 = torch.randn(2, 4, 5, 5, generator=gen)
+    grads = {}
+    for autocast in (False, True):
+        curve = Curve({k: v.clone() for k, v in knots.items()}, "linear")
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            integrate(field, x, curve, "euler", 3, method).float().square().sum().backward()
+        grads[autocast] = [x.grad, *(p.grad for p in curve.parameters())]
+        assert all(g.dtype == torch.float32 for g in grads[autocast])
+    for a, b in zip(grads[False], grads[True]):
+        assert float((a - b).norm()) <= 0.05 * float(a.norm())
 
 
 @pytest.mark.parametrize("method, scheme", [("checkpoint", "heun"), ("symplectic", "rk4"),
