@@ -156,8 +156,11 @@ def _conv_vjp(weight: str, shift: str, scale: str | None, padding: int, groups: 
 def _conv_dtype(h: Tensor) -> torch.dtype:
     """The dtype a convolution of h runs in: autocast's when autocast is on for h's device, else h's."""
     kind = h.device.type
-    if h.is_floating_point() and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
+    try:  # the device-type forms of these two came with torch 2.4
+        if h.is_floating_point() and torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+    except (TypeError, AttributeError, RuntimeError):
+        pass
     return h.dtype
 
 
