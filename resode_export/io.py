@@ -36,12 +36,30 @@ _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
-    """Fail early, before any work, if ``path`` cannot be written as a file."""
-    path = Path(path)
+    """Fail early, before any work, if ``path`` cannot be written as a file; return the path to write.
+
+    A symbolic link is written through (its target is replaced, the link kept); anything at ``path``
+    that is not a regular file (a device, a pipe, a socket) is refused rather than replaced; the
+    folder is probed with a real temporary file, so a read-only or special folder fails here.
+    """
+    given = Path(path)
+    path = given.resolve() if given.is_symlink() else given
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ResodeError(f"output folder {str(path.parent)!r} is a file, not a folder; choose another output path")
     if not path.parent.is_dir():
         raise ResodeError(f"output folder {str(path.parent)!r} does not exist; create it or choose another output path")
     if path.is_dir():
-        raise ResodeError(f"output path {str(path)!r} is a folder; give a file name inside it")
+        raise ResodeError(f"output path {str(given)!r} is a folder; give a file name inside it")
+    if path.exists() and not path.is_file():
+        raise ResodeError(f"output path {str(given)!r} is not a regular file (a device, pipe or socket); "
+                          "choose a file path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ResodeError(f"cannot write in folder {str(path.parent)!r} ({exc.strerror or exc}); "
+                          "choose another output path") from None
     return path
 
 
@@ -61,6 +79,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         _fsync(tmp)
         os.replace(tmp, path)
+    except OSError as exc:  # e.g. the disk filled up: nothing written, one clear line
+        Path(tmp).unlink(missing_ok=True)
+        raise ResodeError(f"could not write {str(path)!r} ({exc.strerror or one_line(str(exc))}); "
+                          "free space or choose another output path") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

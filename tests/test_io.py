@@ -145,6 +145,46 @@ def test_output_folder_must_exist(tmp_path):
         save_checkpoint(tmp_path, ODENet(mlp_config()))
 
 
+def test_special_outputs_are_refused_and_links_written_through(tmp_path):
+    """A device, pipe or socket at the output path is refused, never replaced by a file; a symbolic link
+    is written through (its target replaced, the link kept); a file where the folder should be is named."""
+    import os
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(ResodeError, match="not a regular file"):
+        save_checkpoint(fifo, ODENet(mlp_config()))
+    assert fifo.is_fifo()
+    with pytest.raises(ResodeError, match="not a regular file"):
+        io.check_output_path("/dev/null")
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(tmp_path / "real" / "m.safetensors")
+    model = ODENet(mlp_config(), init="iid")
+    save_checkpoint(link, model)
+    assert link.is_symlink() and (tmp_path / "real" / "m.safetensors").is_file()
+    assert torch.equal(load_checkpoint(link)[0].state_dict()["stem.weight"], model.state_dict()["stem.weight"])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ResodeError, match="is a file, not a folder"):
+        io.check_output_path(tmp_path / "afile" / "m.safetensors")
+
+
+def test_an_unwritable_folder_is_found_before_any_work(tmp_path):
+    """The folder is probed with a real file, so even root learns up front that /proc takes no files."""
+    with pytest.raises(ResodeError, match=r"cannot write in folder '/proc'"):
+        io.check_output_path("/proc/m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_is_one_clear_error(tmp_path):
+    def fail(tmp):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(ResodeError, match="No space left on device"):
+        atomic_write(tmp_path / "m.bin", fail)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_metadata_of_the_wrong_shape(tmp_path):
     for i, header in enumerate([[1, 2], {"format_version": 1, "config": {}, "data": "digits"}]):
         path = tmp_path / f"odd{i}.safetensors"
