@@ -275,6 +275,9 @@ def train(
             raise ResodeError(f"--width must be an integer or a comma list of integers, got {width!r}") from None
         depths = parse_depths(depth or "32", None, (1,) * len(widths))
         dataset = load_data(data or "digits", data_dir)
+        as_images = arch.value != "mlp" and dataset.name == "digits"
+        if as_images:  # conv stems take images: the same samples, 1×8×8
+            dataset = load_data("digits-images")
         config = ODENetConfig(
             arch=arch.value, in_shape=dataset.in_shape, num_classes=dataset.num_classes, widths=widths,
             depths=depths, knots=(1,) * len(widths) if init.value == "tied" else None, hidden=hidden,
@@ -282,6 +285,8 @@ def train(
             stem_stride=stem_stride, grad=method or "backprop",
         )
         check_training(config)  # before any allocation
+        if as_images:
+            print("note: a conv model takes digits as (1, 8, 8) images (data set digits-images)", file=sys.stderr)
         net = ODENet(config, init="iid" if init.value == "iid" else "smooth", seed=seed)
     log_path = log if log is not None else out.with_name(out.stem + ".log.jsonl")
     if log is not None:
@@ -357,9 +362,8 @@ def export(
     target = source.discretize(depths, scheme and scheme.value, interp and interp.value, grad="backprop")
     try:
         data = dataset_for(header)
-    except ResodeError:  # verification still runs on random inputs
-        print("note: verifying on random inputs only: the model names no data set with a test split",
-              file=sys.stderr)
+    except ResodeError as exc:  # verification still runs on random inputs
+        print(f"note: verifying on random inputs only: {str(exc).removesuffix('; give --data')}", file=sys.stderr)
         data = None
     if out is None:
         tag = "dyn" if dynamic_depth else "-".join(str(d) for d in sorted(set(depths)))

@@ -170,7 +170,11 @@ def dataset_for(header: dict) -> Dataset:
     name = header.get("data", {}).get("name")
     if not name:
         raise ResodeError("the model names no data set, so it has no test split to measure on; give --data")
-    return load_data(name)
+    try:
+        return load_data(name)
+    except ResodeError as exc:
+        raise ResodeError(f"the model's data set {name!r} (named in its checkpoint) cannot be loaded here: "
+                          f"{str(exc).rstrip('.')}; give --data") from None
 
 
 def compare(source: ODENet, target: ODENet, data: Dataset | None, limit: int | None = None, progress=None) -> dict:

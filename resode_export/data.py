@@ -21,7 +21,7 @@ from .errors import ResodeError, one_line
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
-DATASETS = ("digits", "fashion-mnist")
+DATASETS = ("digits", "digits-images", "fashion-mnist")
 MAX_CLASSES = 100_000  # a label beyond this is a mistake, not a class: the head would not fit in memory
 
 
@@ -48,8 +48,9 @@ class Dataset:
                 "train_size": len(self.y_train), "test_size": len(self.y_test)}
 
 
-def digits() -> Dataset:
-    """scikit-learn's 8×8 digits (1797 images), flattened to 64 features in [0, 1]."""
+def digits(images: bool = False) -> Dataset:
+    """scikit-learn's 8×8 digits (1797 images), flattened to 64 features in [0, 1]; with ``images``
+    (data set ``digits-images``) the same samples as (1, 8, 8) images, for conv models."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -57,6 +58,10 @@ def digits() -> Dataset:
     xtr, xte, ytr, yte = train_test_split(x / 16.0, y, test_size=0.25, random_state=0, stratify=y)
     as_x = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
     as_y = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
+    if images:
+        return Dataset("digits-images", as_x(xtr).reshape(-1, 1, 8, 8), as_y(ytr), as_x(xte).reshape(-1, 1, 8, 8),
+                       as_y(yte), preprocessing="pixels / 16 (range [0, 1]), as (1, 8, 8) images",
+                       split="sklearn train_test_split(test_size=0.25, random_state=0, stratify=y): 1347 train, 450 test")
     return Dataset("digits", as_x(xtr), as_y(ytr), as_x(xte), as_y(yte),
                    preprocessing="pixels / 16 (range [0, 1]), flattened to 64 features",
                    split="sklearn train_test_split(test_size=0.25, random_state=0, stratify=y): 1347 train, 450 test")
@@ -150,17 +155,20 @@ def npz(path: str | os.PathLike) -> Dataset:
 
 
 def load_data(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
-    """``digits``, ``fashion-mnist`` (from ``data_dir`` if given), a folder of MNIST-style IDX files, or a .npz."""
+    """``digits`` (flat) or ``digits-images``, ``fashion-mnist`` (from ``data_dir`` if given), a folder of
+    MNIST-style IDX files, or a .npz."""
     if not isinstance(name, str) or not name:
         raise ResodeError(f"no data set named {name!r}; use one of {', '.join(DATASETS)}, a folder of IDX files or a .npz")
-    if name == "digits":
-        return digits()
+    if name in ("digits", "digits-images"):
+        return digits(images=name == "digits-images")
     if name == "fashion-mnist":
         return fashion_mnist(data_dir)
+    # a folder or file is named by its absolute path, which a checkpoint records: later commands run
+    # from another folder still find it
     if Path(name).is_dir():
-        return fashion_mnist(name, name=name)
+        return fashion_mnist(name, name=str(Path(name).resolve()))
     if name.endswith(".npz"):
         if not Path(name).is_file():
             raise ResodeError(f"no such file: {name!r}")
-        return npz(name)
+        return npz(Path(name).resolve())
     raise ResodeError(f"unknown data set {name!r}; use one of {', '.join(DATASETS)}, a folder of IDX files or a .npz")

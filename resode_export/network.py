@@ -131,13 +131,16 @@ class ODENetConfig:
         if (self.field or self.arch) not in allowed:
             raise ResodeError(f"arch {self.arch!r} takes fields {', '.join(allowed)}, not {self.field!r}")
         if self.arch == "conv" and any(w % self.groups for w in self.widths):
-            raise ResodeError(f"conv widths {list(self.widths)} must be multiples of groups ({self.groups})")
+            raise ResodeError(f"conv widths {list(self.widths)} must be multiples of groups ({self.groups}, the "
+                              f"GroupNorm groups); use --width {self.groups}, {2 * self.groups}, {4 * self.groups}, ...")
         for d in self.depths:
             check_depth(d)
         if not self.in_shape:
             raise ResodeError("in_shape needs at least one dimension, got ()")
         if self.arch != "mlp" and len(self.in_shape) != 3:  # an mlp flattens whatever it is given
-            raise ResodeError(f"arch {self.arch!r} needs in_shape (channels, height, width), got {self.in_shape}")
+            raise ResodeError(f"arch {self.arch!r} needs image inputs (channels, height, width), got samples of "
+                              f"shape {self.in_shape}; use --arch mlp, or image data (fashion-mnist, digits-images, "
+                              "or an .npz of images)")
 
     def _check_resnet(self) -> None:
         check_choice("block", self.block, dict.fromkeys(BLOCK_KINDS))

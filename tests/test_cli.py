@@ -195,3 +195,39 @@ def test_more_bad_arguments(capsys, tmp_path, args, hint):
     code, out, err = run_cli(capsys, *args, "--out", tmp_path / "m.safetensors")
     assert code == 2 and hint in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_conv_on_digits_takes_images_and_later_commands_find_them(capsys, tmp_path, monkeypatch):
+    """--arch conv on the default data trains on digits as (1, 8, 8) images (digits-images), and the
+    checkpoint's data set loads again for convert and check."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "train", "--arch", "conv", "--width", "8", "--depth", "2", "--epochs", "1",
+                             "--out", "m.safetensors", "--json")
+    assert code == 0 and "digits-images" in err, err
+    _, header = load_checkpoint(tmp_path / "m.safetensors")
+    assert header["data"]["name"] == "digits-images" and header["config"]["in_shape"] == [1, 8, 8]
+    code, out, err = run_cli(capsys, "convert", "m.safetensors", "--depth", "4", "--json")
+    assert code == 0 and json.loads(out)["test_samples"] == 450, err
+
+
+def test_an_npz_data_set_is_found_from_another_folder(capsys, tmp_path, monkeypatch):
+    """A checkpoint records its .npz by absolute path: convert from another folder measures on it; a
+    vanished .npz is named, with --data as the fix."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    np.savez(tmp_path / "a" / "toy.npz", x_train=rng.normal(size=(40, 6)).astype(np.float32),
+             y_train=rng.integers(0, 3, 40), x_test=rng.normal(size=(10, 6)).astype(np.float32),
+             y_test=rng.integers(0, 3, 10))
+    monkeypatch.chdir(tmp_path / "a")
+    code, _, err = run_cli(capsys, "train", "--data", "toy.npz", "--width", "4", "--depth", "2", "--epochs", "1",
+                           "--out", "m.safetensors")
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path / "b")
+    code, out, err = run_cli(capsys, "convert", "../a/m.safetensors", "--depth", "3", "--json")
+    assert code == 0 and json.loads(out)["test_samples"] == 10, err
+    (tmp_path / "a" / "toy.npz").unlink()
+    code, out, err = run_cli(capsys, "convert", "../a/m.safetensors", "--depth", "3")
+    assert code == 2 and "named in its checkpoint" in err and "give --data" in err and len(err.strip().splitlines()) == 1

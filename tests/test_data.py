@@ -1,6 +1,7 @@
 import gzip
 
 import pytest
+import torch
 
 from resode_export.data import digits, fashion_mnist, load_data
 from resode_export.errors import ResodeError
@@ -32,5 +33,14 @@ def test_idx_folder_errors(tmp_path):
 
 
 def test_unknown_data_set():
-    with pytest.raises(ResodeError, match="digits, fashion-mnist"):
+    with pytest.raises(ResodeError, match="digits, digits-images, fashion-mnist"):
         load_data("imagenet")
+
+
+def test_digits_images_are_the_digits_as_8x8():
+    from resode_export.data import load_data
+
+    flat, images = load_data("digits"), load_data("digits-images")
+    assert images.in_shape == (1, 8, 8) and images.name == "digits-images"
+    assert torch.equal(images.x_test.reshape(len(images.x_test), -1), flat.x_test)
+    assert torch.equal(images.y_train, flat.y_train)
