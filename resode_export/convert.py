@@ -107,6 +107,13 @@ def load_model(model: str | os.PathLike | None, source: str = "auto", input_size
     ``source``, ``input_size`` and ``bn`` apply to imports only (``--from``, ``--input-size``, ``--bn``).
     """
     path = resolve_model(model)
+    suffix = path.suffix.lower()
+    if suffix == ".npz" and path.is_file():
+        raise ResodeError(f"{str(path)!r} is a data archive (.npz), not a model; pass it as --data, and give a "
+                          ".safetensors checkpoint (or a .pt/.pth state dict) as the model")
+    if suffix in (".onnx", ".pt2") and path.is_file():
+        raise ResodeError(f"{str(path)!r} is an exported graph, not a checkpoint; give the .safetensors checkpoint it "
+                          "was exported from (resode check runs .onnx files)")
     if is_foreign(path):
         net, header = import_model(path, source, input_size, bn or "fold")
         return net, header, path

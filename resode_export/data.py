@@ -126,9 +126,8 @@ def npz(path: str | os.PathLike) -> Dataset:
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise ResodeError(f"{str(path)!r} is a single .npy array, not an .npz archive of named arrays")
         with loaded as fh:
-            arrays = {k: fh[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except KeyError as exc:
-        raise ResodeError(f"{str(path)!r} lacks array {exc}; it needs x_train, y_train, x_test, y_test") from None
+            present = list(fh.files)
+            arrays = {k: fh[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in present}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         if "pickle" in str(exc):
             raise ResodeError(f"cannot read {str(path)!r}: it holds pickled (object) arrays and resode never unpickles "
@@ -136,6 +135,10 @@ def npz(path: str | os.PathLike) -> Dataset:
         text = one_line(str(exc))
         raise ResodeError(f"cannot read {str(path)!r} as .npz ({text}); give an .npz of numeric arrays x_train, "
                           "y_train, x_test, y_test") from None
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+    if missing:
+        raise ResodeError(f"{str(path)!r} lacks the array(s) {', '.join(missing)}; it needs x_train, y_train, x_test, "
+                          f"y_test (it has {', '.join(present) or 'none'})")
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim < 2 or y.ndim != 1 or len(x) == 0:

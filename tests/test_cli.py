@@ -231,3 +231,19 @@ def test_an_npz_data_set_is_found_from_another_folder(capsys, tmp_path, monkeypa
     (tmp_path / "a" / "toy.npz").unlink()
     code, out, err = run_cli(capsys, "convert", "../a/m.safetensors", "--depth", "3")
     assert code == 2 and "named in its checkpoint" in err and "give --data" in err and len(err.strip().splitlines()) == 1
+
+
+def test_files_of_the_wrong_kind_are_named_for_what_they_are(capsys, tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "data.npz", x_train=np.zeros((3, 2), np.float32))
+    (tmp_path / "graph.onnx").write_bytes(b"\x08\x07")
+    cases = [(["train", tmp_path / "data.npz"], "is a data archive (.npz), not a model; pass it as --data"),
+             (["inspect", tmp_path / "graph.onnx"], "is an exported graph, not a checkpoint"),
+             (["convert", tmp_path / "graph.onnx", "--depth", "3"], "is an exported graph, not a checkpoint"),
+             (["train", "--data", tmp_path / "data.npz"], "lacks the array(s) y_train, x_test, y_test"),
+             (["convert", "--out", tmp_path / "data.npz" / "m.safetensors"], "is a file, not a folder")]
+    for args, hint in cases:
+        code, out, err = run_cli(capsys, *args)
+        assert code == 2 and hint in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "graph.onnx"]
