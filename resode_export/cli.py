@@ -390,7 +390,7 @@ def check(
         help="Comma list of schemes (resode models; a .onnx file has its own).")] = "euler,heun,rk4",
     data: Annotated[Optional[str], typer.Option(
         help="digits, fashion-mnist, a folder of IDX files or an .npz. Default: the model's own.")] = None,
-    tolerance: Annotated[float, typer.Option(min=0.0, help="Accuracy points a recommendation may lose.")] = 0.5,
+    tolerance: Annotated[float, typer.Option(help="Accuracy points a recommendation may lose, >= 0.")] = 0.5,
     plot: Annotated[Optional[Path], typer.Option(help="Draw accuracy and latency against depth to this PNG.")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N test samples only.")] = None,
     repeats: Annotated[int, typer.Option(min=3, help="Latency: timed calls at batch 1 (a tenth at batch 256).")] = 50,
@@ -409,9 +409,11 @@ def check(
         check_output_path(plot)
         if plot.suffix.lower() != ".png":
             raise ResodeError(f"--plot writes a PNG: give a path ending in .png, got {str(plot)!r}")
-    depth_list = [check_depth(d) for d in _int_list(depths, "--depths")]
+    if not tolerance >= 0 or tolerance == float("inf"):
+        raise ResodeError(f"--tolerance must be a finite number of accuracy points >= 0, got {tolerance:g}")
+    depth_list = list(dict.fromkeys(check_depth(d) for d in _int_list(depths, "--depths")))  # once each, in order
     require_onnx()
-    scheme_list = [check_choice("scheme", s.strip(), SCHEMES) for s in schemes.split(",") if s.strip()]
+    scheme_list = list(dict.fromkeys(check_choice("scheme", s.strip(), SCHEMES) for s in schemes.split(",") if s.strip()))
     if not scheme_list:
         raise ResodeError("--schemes is empty; give a comma list such as euler,heun,rk4")
     if model is not None and model.lower().endswith(".onnx"):

@@ -247,3 +247,12 @@ def test_files_of_the_wrong_kind_are_named_for_what_they_are(capsys, tmp_path):
         code, out, err = run_cli(capsys, *args)
         assert code == 2 and hint in err and len(err.strip().splitlines()) == 1, (args, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "graph.onnx"]
+
+
+def test_check_tolerance_and_repeated_depths(capsys):
+    code, out, err = run_cli(capsys, "check", DIGITS, "--tolerance", "nan")
+    assert code == 2 and "--tolerance must be a finite number of accuracy points >= 0, got nan" in err
+    code, out, err = run_cli(capsys, "check", DIGITS, "--depths", "4,4", "--schemes", "euler,euler", "--limit", "20",
+                             "--repeats", "3", "--json")
+    assert code == 0, err
+    assert [(r["depth"], r["scheme"]) for r in json.loads(out)["rows"]] == [(4, "euler")]

@@ -93,7 +93,11 @@ def _runner(fmt: str, path: str):
         return lambda x, depth=None: reference_forward(sd, layout, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        module = torch.jit.load(path) if fmt == "torchscript" else torch.export.load(path).module()
+        if fmt == "torchscript":
+            module = torch.jit.load(path)
+        else:  # from an open file: torch.export.load warns on a path whose name does not end in .pt2 (our temporary)
+            with open(path, "rb") as fh:
+                module = torch.export.load(fh).module()
 
     def run(x, depth=None):
         with torch.no_grad():
