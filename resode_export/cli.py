@@ -132,7 +132,14 @@ def convert(
     start = time.perf_counter()
     if out is not None:
         check_output_path(out)
+        if out.suffix.lower() != ".safetensors":
+            raise ResodeError(f"convert writes a .safetensors checkpoint: give --out a name ending in .safetensors, got "
+                              f"{str(out)!r} (resode export writes ONNX, TorchScript and pt2 files)")
     source, header, path = load_model(model, source_arch.value, parse_input_size(input_size), bn and bn.value)
+    if out is not None and out.resolve() == path.resolve():
+        raise ResodeError(f"--out {str(out)!r} is the model being converted; write the converted one to another file")
+    if n_basis is not None and (interp.value if interp else source.config.interp) != "smooth":
+        raise ResodeError("--n-basis sets the B-splines of --interp smooth; add --interp smooth or drop --n-basis")
     depths = parse_depths(depth, depth_scale, source.config.depths)
     new_scheme = scheme.value if scheme else source.config.scheme
     imported = _import_record(header)
@@ -353,6 +360,11 @@ def export(
 
     if out is not None:
         check_output_path(out)
+        suffix, own = out.suffix.lower(), FORMATS[fmt.value]
+        claimed = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "a resode checkpoint"}  # names only one form takes
+        if claimed.get(suffix, fmt.value) != fmt.value or (own in claimed and suffix != own):
+            raise ResodeError(f"--format {fmt.value} writes a {own} file, but --out ends in {suffix or 'no suffix'}; "
+                              f"name it *{own} or give the matching --format")
     if dynamic_depth and (depth is not None or depth_scale is not None):
         raise ResodeError("--dynamic-depth takes the depth at run time (input 'depth'); drop --depth/--depth-scale")
     source, header, path = load_model(model, source_arch.value, parse_input_size(input_size), bn and bn.value)

@@ -256,3 +256,20 @@ def test_check_tolerance_and_repeated_depths(capsys):
                              "--repeats", "3", "--json")
     assert code == 0, err
     assert [(r["depth"], r["scheme"]) for r in json.loads(out)["rows"]] == [(4, "euler")]
+
+
+def test_outputs_named_for_another_form_are_refused(capsys, tmp_path):
+    """An output whose name claims another file form, the source itself, or an option that would be ignored."""
+    src = tmp_path / "m.safetensors"
+    src.write_bytes(DIGITS.read_bytes())
+    cases = [(["export", src, "--format", "onnx", "--out", tmp_path / "a.pt"], "--format onnx writes a .onnx file"),
+             (["export", src, "--format", "torchscript", "--out", tmp_path / "a.onnx"], "but --out ends in .onnx"),
+             (["export", src, "--format", "pt2", "--out", tmp_path / "a.pt"], "--format pt2 writes a .pt2 file"),
+             (["convert", src, "--out", tmp_path / "a.onnx"], "convert writes a .safetensors checkpoint"),
+             (["convert", src, "--out", src], "is the model being converted"),
+             (["convert", src, "--n-basis", "3"], "add --interp smooth or drop --n-basis")]
+    for args, hint in cases:
+        code, out, err = run_cli(capsys, *args)
+        assert code == 2 and hint in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    assert src.read_bytes() == DIGITS.read_bytes()
