@@ -198,6 +198,7 @@ def convert(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(
         help="Fine-tune this checkpoint instead of training a new model.", show_default=False)] = None,
     arch: Annotated[ArchName, typer.Option(help="mlp (vectors) or conv (images).")] = ArchName.mlp,
@@ -259,6 +260,19 @@ def train(
     if adjoint and grad not in (None, GradName.adjoint):
         raise ResodeError(f"--adjoint conflicts with --grad {grad.value}; give one of them")
     method = "adjoint" if adjoint else (grad.value if grad else None)
+    if model is not None and not resume:  # fine-tuning keeps the checkpoint's architecture: options that build
+        # another would be ignored. (--resume is the run's own command line again, which names them.)
+        shape_options = ("arch", "width", "hidden", "activation", "init", "interp", "stem_stride")
+        sources = {name: ctx.get_parameter_source(name) for name in shape_options}
+        given = [f"--{name.replace('_', '-')}" for name, src in sources.items()
+                 if src is not None and src.name == "COMMANDLINE"]
+        if given:
+            one = len(given) == 1
+            raise ResodeError(f"{', '.join(given)} only appl{'ies' if one else 'y'} to a new model and fine-tuning "
+                              f"keeps the checkpoint's architecture: drop {'it' if one else 'them'} (--depth, "
+                              "--scheme and --grad do apply)")
+    elif untie and not resume:
+        raise ResodeError("--untie fine-tunes a tied checkpoint: give it as MODEL (resode train MODEL --untie)")
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer.value,
                            schedule=schedule.value, weight_decay=weight_decay, seed=seed, device=device.value,
                            skip_nonfinite=skip_nonfinite)

@@ -273,3 +273,16 @@ def test_outputs_named_for_another_form_are_refused(capsys, tmp_path):
         assert code == 2 and hint in err and len(err.strip().splitlines()) == 1, (args, err)
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
     assert src.read_bytes() == DIGITS.read_bytes()
+
+
+def test_fine_tuning_refuses_options_it_would_ignore(capsys, tmp_path):
+    src = tmp_path / "m.safetensors"
+    src.write_bytes(DIGITS.read_bytes())
+    out = tmp_path / "ft.safetensors"
+    cases = [(["train", src, "--arch", "conv"], "--arch only applies to a new model and fine-tuning keeps"),
+             (["train", src, "--width", "16", "--init", "iid"], "--width, --init only apply to a new model"),
+             (["train", "--untie"], "--untie fine-tunes a tied checkpoint")]
+    for args, hint in cases:
+        code, _, err = run_cli(capsys, *args, "--epochs", "1", "--out", out)
+        assert code == 2 and hint in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
