@@ -408,6 +408,7 @@ def export(
 
 @app.command()
 def check(
+    ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(
         help="A resode checkpoint, a shipped model's name, or a .onnx file from resode export. Default: digits-mlp.",
         show_default=False)] = None,
@@ -448,9 +449,17 @@ def check(
             raise ResodeError(f"{path} does not exist; give a .onnx file from resode export")
         from .check import _onnx_metadata
 
-        name = data or _onnx_metadata(path).get("resode.data")
+        meta = _onnx_metadata(path)
+        name = data or meta.get("resode.data")
         if not name:
             raise ResodeError(f"{path.name} names no data set: give --data")
+        given = {p for p in ("depths", "schemes") if getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"}
+        if "depths" in given and meta.get("resode.dynamic_depth") != "true":
+            print(f"note: {path.name} is a fixed-depth graph (depth {meta.get('resode.depths')}), so --depths is "
+                  "ignored; export with --dynamic-depth to sweep depths", file=sys.stderr)
+        if "schemes" in given:
+            print(f"note: {path.name} runs the scheme it was exported with ({meta.get('resode.scheme')}), so --schemes "
+                  "is ignored; check the checkpoint to compare schemes", file=sys.stderr)
         with progress_bar() as bar:
             result = check_onnx(path, load_data(name), depth_list, tolerance, repeats, limit, progress=bar)
     else:
@@ -564,7 +573,8 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     except Exception as exc:  # noqa: BLE001 - the boundary: no traceback for users
         if hasattr(exc, "format_message"):  # click's usage errors (typer may vendor its own click)
-            print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+            text = " ".join(exc.format_message().split()).replace("Value error, ", "")  # typer's enum validation
+            print(f"error: {text}", file=sys.stderr)
             code = 2
         else:
             print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)

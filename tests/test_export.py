@@ -263,6 +263,17 @@ def test_cli_check_sweeps_a_dynamic_depth_file(capsys, tmp_path):
     assert [r["depth"] for r in result["rows"]] == [4, 16, 32] and result["dynamic_depth"] is True
     at_native = [r for r in result["rows"] if r["depth"] == 32][0]
     assert at_native["accuracy"] == result["source_accuracy"]  # the file at the model's native depth
+    assert "ignored" not in err
+
+
+def test_cli_check_says_which_options_a_fixed_graph_ignores(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "export", "--out", tmp_path / "s.onnx")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "check", tmp_path / "s.onnx", "--depths", "4,8", "--schemes", "heun",
+                             "--repeats", "3", "--limit", "20", "--json")
+    assert code == 0, err
+    assert "fixed-depth graph (depth 32), so --depths is ignored" in err and "--schemes is ignored" in err
+    assert [(r["depth"], r["scheme"]) for r in json.loads(out)["rows"]] == [(32, "euler")]
 
 
 def test_cli_check_refuses_foreign_and_broken_onnx(capsys, tmp_path):
