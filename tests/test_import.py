@@ -233,6 +233,27 @@ def test_read_wrapped_and_prefixed(tmp_path, prefix):
     assert header["imported"]["blocks"] == [2, 2, 2, 2]
 
 
+@pytest.mark.parametrize("wrap", ["beside a best-accuracy tensor", "beside an EMA scalar", "under another name, twice"])
+def test_read_training_checkpoints(tmp_path, wrap):
+    """Training scripts save {"epoch": …, "state_dict": …, "best_acc1": tensor(…)}: the state dict is unwrapped
+    even with a tensor beside it, and one dict nested under any name too."""
+    sd = small("resnet18").state_dict()
+    saved = {"beside a best-accuracy tensor": {"epoch": 5, "state_dict": sd, "best_acc1": torch.tensor(70.0)},
+             "beside an EMA scalar": {"state_dict": sd, "ema": torch.tensor(1.0)},
+             "under another name, twice": {"a": {"b": sd}}}[wrap]
+    path = tmp_path / "ckpt.pth"
+    torch.save(saved, path)
+    read = read_state_dict(path)
+    assert set(read) == set(sd) and all(torch.equal(read[k], sd[k]) for k in sd)
+
+
+def test_an_empty_state_dict_is_named(tmp_path):
+    path = tmp_path / "empty.pth"
+    torch.save({}, path)
+    with pytest.raises(ResodeError, match="holds an empty dict"):
+        read_state_dict(path)
+
+
 def test_torchscript_archive_is_not_a_state_dict(capsys, tmp_path, r50_file):
     path, _ = r50_file
     ts = tmp_path / "r50.pt"
@@ -267,14 +288,16 @@ def _mutated(tmp_path, change) -> str:
 BAD_LAYOUTS = {
     "not a resnet": (lambda sd: [sd.clear(), sd.update({"features.0.weight": torch.zeros(4, 3, 3, 3)})],
                      "nor a torchvision-style ResNet state dict: missing conv1.weight, fc.weight, layer1.0.*"),
-    "missing key": (lambda sd: sd.pop("layer2.1.bn2.running_var"), "missing 1 keys (layer2.1.bn2.running_var)"),
+    "missing key": (lambda sd: sd.pop("layer2.1.bn2.running_var"), "missing 1 key (layer2.1.bn2.running_var)"),
     "unexpected key": (lambda sd: sd.update({"layer2.1.extra.weight": torch.zeros(2)}),
-                       "unexpected 1 keys (layer2.1.extra.weight)"),
+                       "unexpected 1 key (layer2.1.extra.weight)"),
     "wrong shape": (lambda sd: sd.update({"layer3.1.conv1.weight": torch.zeros(32, 32, 1, 1)}),
                     "wrong shape (layer3.1.conv1.weight: (32, 32, 1, 1), expected (32, 32, 3, 3))"),
     "deep stem": (lambda sd: sd.update({"conv1.weight": torch.zeros(8, 3, 3, 3)}), "7×7"),
     "single-block stage": (lambda sd: [sd.pop(k) for k in [k for k in sd if k.startswith("layer4.1.")]],
-                           "layer4 hold a single block"),
+                           "layer4 holds a single block"),
+    "deep stem of timm's ResNet-D": (lambda sd: [sd.pop("conv1.weight"), sd.update({"conv1.0.weight": torch.zeros(8, 3, 3, 3)})],
+                                     "has a deep stem (conv1.0, conv1.1, …"),
     "gap in stages": (lambda sd: [sd.pop(k) for k in [k for k in sd if k.startswith("layer2.")]],
                       "layer1..layerN"),
     "nan weights": (lambda sd: sd["layer1.1.conv1.weight"].fill_(float("nan")), "NaN"),

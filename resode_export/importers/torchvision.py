@@ -126,12 +126,20 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError) as exc:
             raise ResodeError(f"{str(path)!r} is not a readable torch.save file (truncated or corrupt?): "
                               f"{type(exc).__name__}") from None
-    for _ in range(2):  # {"state_dict": …} or {"model": {"state_dict": …}}
+    def count(d: dict) -> int:
+        return sum(isinstance(v, Tensor) for v in d.values())
+
+    for _ in range(3):  # {"state_dict": …} or {"model": {"state_dict": …}}, beside e.g. "epoch" or a best-accuracy tensor
         if isinstance(loaded, dict):
             inner = next((loaded[k] for k in WRAPPERS if isinstance(loaded.get(k), dict)), None)
-            if inner is not None and not any(isinstance(v, Tensor) for v in loaded.values()):
+            if inner is None and not count(loaded):  # the one dict under another name: {"weights": {...}}
+                dicts = [v for v in loaded.values() if isinstance(v, dict)]
+                inner = dicts[0] if len(dicts) == 1 else None
+            if inner is not None and (not count(loaded) or count(inner) > count(loaded)):
                 loaded = inner
-    if not isinstance(loaded, dict) or not loaded:
+    if isinstance(loaded, dict) and not loaded:
+        raise ResodeError(f"{str(path)!r} holds an empty dict; give a model's state_dict() saved with torch.save")
+    if not isinstance(loaded, dict):
         raise ResodeError(f"{str(path)!r} holds a {type(loaded).__name__}, not a state dict of named tensors")
     tensors = {str(k): v for k, v in loaded.items() if isinstance(v, Tensor)}
     if not tensors:
@@ -166,6 +174,9 @@ def detect_layout(sd: dict[str, Tensor]) -> Layout:
         m = _BLOCK_KEY.match(key)
         if m:
             blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if stem is None and any(k.startswith("conv1.0.") for k in sd):
+        raise ResodeError("this ResNet has a deep stem (conv1.0, conv1.1, …: a ResNet-C/-D variant, as in timm); resode "
+                          "imports torchvision's single-convolution stem (conv1.weight) only")
     if stem is None or fc is None or not blocks:
         missing = [k for k, ok in (("conv1.weight", stem), ("fc.weight", fc), ("layer1.0.*", blocks)) if not ok]
         sample = ", ".join(sorted(sd)[:6])
@@ -206,7 +217,8 @@ def detect_layout(sd: dict[str, Tensor]) -> Layout:
     _check_keys(sd, layout)
     too_short = [f"layer{s}" for s, n in zip(stages, counts) if n < 2]
     if too_short:
-        raise ResodeError(f"{', '.join(too_short)} hold a single block: a stage needs at least 2 blocks, its first "
+        raise ResodeError(f"{', '.join(too_short)} {'holds' if len(too_short) == 1 else 'hold'} a single block: a stage "
+                          "needs at least 2 blocks, its first "
                           "kept as the transition and the others as the ODE block")
     if max(counts) - 1 > MAX_DEPTH:
         raise ResodeError(f"a stage of {max(counts)} blocks is above resode's maximum depth {MAX_DEPTH}")
@@ -251,9 +263,10 @@ def _check_keys(sd: dict[str, Tensor], layout: Layout) -> None:
     if missing or unexpected or wrong:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:4])}{', …' if len(missing) > 4 else ''})")
+            parts.append(f"missing {len(missing)} key{'s' if len(missing) > 1 else ''} ({', '.join(missing[:4])}"
+                         f"{', …' if len(missing) > 4 else ''})")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:4])}"
+            parts.append(f"unexpected {len(unexpected)} key{'s' if len(unexpected) > 1 else ''} ({', '.join(unexpected[:4])}"
                          f"{', …' if len(unexpected) > 4 else ''})")
         if wrong:
             k = wrong[0]
