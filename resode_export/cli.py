@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad input (one line on stderr), 1 any other failure.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -556,27 +557,67 @@ def inspect(
         print(f"note: {result['note']}")
 
 
+INTERRUPTED = ("interrupted; files are written only when complete (a training run keeps its last finished epoch: "
+               "run the same command with --resume to continue)")
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that context managers clean up (temporary folders)."""
+
+
+def _terminate_as_exception():
+    """Turn SIGTERM into :class:`_Terminated` while the CLI runs (main thread, default handler only);
+    return a function that puts the previous handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return lambda: None
+
+    def raise_terminated(signum, frame):
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every error into one line on stderr and an exit code."""
     global _invocation
     args = sys.argv[1:] if argv is None else list(argv)
     _invocation = args
+    # under torchrun every rank meets the same bad input: one of them says so
+    say = os.environ.get("RANK", "0") == "0"
+    restore = _terminate_as_exception()
     try:
         code = app(args=args or ["--help"], prog_name="resode", standalone_mode=False)
+        if code == 130 and say:  # typer returns 130 for Ctrl-C when not standalone
+            print(f"error: {INTERRUPTED}", file=sys.stderr)
     except typer.Exit as exc:
         code = exc.exit_code
+        if code == 130 and say:  # typer turns Ctrl-C into Exit(130)
+            print(f"error: {INTERRUPTED}", file=sys.stderr)
     except ResodeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if say:
+            print(f"error: {exc}", file=sys.stderr)
         code = 2
     except (typer.Abort, KeyboardInterrupt):
-        print("error: interrupted", file=sys.stderr)
+        if say:
+            print(f"error: {INTERRUPTED}", file=sys.stderr)
         code = 130
+    except _Terminated:
+        if say:
+            print(f"error: terminated (SIGTERM); {INTERRUPTED.split('; ', 1)[1]}", file=sys.stderr)
+        code = 143
     except Exception as exc:  # noqa: BLE001 - the boundary: no traceback for users
         if hasattr(exc, "format_message"):  # click's usage errors (typer may vendor its own click)
             text = " ".join(exc.format_message().split()).replace("Value error, ", "")  # typer's enum validation
-            print(f"error: {text}", file=sys.stderr)
+            if say:
+                print(f"error: {text}", file=sys.stderr)
             code = 2
         else:
             print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
             code = 1
+    finally:
+        restore()
     sys.exit(code if isinstance(code, int) else 0)

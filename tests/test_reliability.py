@@ -725,3 +725,48 @@ def test_a_non_finite_reconstruction_error_is_reported(capsys):
     train_module._warn_reconstruction(4, [1e-6, float("nan")])
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "block 1 is nan" in err
+
+
+# --- interruptions: Ctrl-C and SIGTERM say so, exit 130 / 143, and leave no temporary folders -----
+
+
+def _interrupt_when(args: list[str], ready, sig: int, env: dict) -> tuple[int, str]:
+    proc = subprocess.Popen([sys.executable, "-c", RUN_CLI, *map(str, args)], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 240
+        while not ready():
+            assert proc.poll() is None, "the command ended before it could be interrupted"
+            assert time.monotonic() < deadline, "the command took too long to start its work"
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc.returncode, err
+
+
+def test_ctrl_c_mid_training_says_how_to_continue(tmp_path):
+    out = tmp_path / "run.safetensors"
+    args = ["train", "--depth", "16", "--width", "16", "--hidden", "16", "--epochs", "500", "--batch-size", "8",
+            "--device", "cpu", "--out", out]  # many epochs: interrupted after the first
+    code, err = _interrupt_when(args, lambda: state_path(out).exists(), signal.SIGINT, ENV)
+    assert code == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: interrupted") and "--resume" in err and "Traceback" not in err
+    assert load_checkpoint(out)[1]["training"]["history"], "the last finished epoch is kept"
+
+
+def test_sigterm_mid_check_removes_its_temporary_graphs(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**ENV, "TMPDIR": str(scratch)}
+    args = ["check", "digits-mlp", "--depths", "2,4,8,16,32,64,128", "--schemes", "euler,heun,rk4", "--json"]
+    def graphs():  # check's own temporary folder (torch leaves files of its own in TMPDIR too)
+        return [p for p in scratch.iterdir() if p.is_dir() and p.name.startswith("tmp")]
+
+    code, err = _interrupt_when(args, lambda: any(any(d.glob("*.onnx")) for d in graphs()), signal.SIGTERM, env)
+    assert code == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: terminated (SIGTERM)") and "Traceback" not in err
+    assert graphs() == [], "the temporary ONNX graphs are removed"
