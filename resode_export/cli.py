@@ -21,7 +21,7 @@ from rich.table import Table
 
 from . import __version__
 from .curves import INTERPOLATIONS
-from .data import DATASETS
+from .data import DATASETS, shape_fix
 from .errors import ResodeError, check_choice
 from .fields import ACTIVATIONS, BN_FORMS
 from .gradients import GRADIENTS, compatible
@@ -387,16 +387,19 @@ def export(
     fits = None if dynamic_depth else (lambda d: check_static_export(source, d, new_scheme))
     depths = parse_depths(depth, depth_scale, source.config.depths, fits)
     target = source.discretize(depths, scheme and scheme.value, interp and interp.value, grad="backprop")
+    note = None
     try:
         data = dataset_for(header)
-    except ResodeError as exc:  # verification still runs on random inputs
-        print(f"note: verifying on random inputs only: {str(exc).removesuffix('; give --data')}", file=sys.stderr)
+    except ResodeError as exc:  # verification still runs on random inputs; said once the export succeeded
+        note = f"note: verified on random inputs only: {str(exc).removesuffix('; give --data')}"
         data = None
     if out is None:
         tag = "dyn" if dynamic_depth else "-".join(str(d) for d in sorted(set(depths)))
         out = Path.cwd() / f"{path.stem}-{tag}-{target.config.scheme}{FORMATS[fmt.value]}"
     meta = {"resode.source": path.name, "resode.data": header.get("data", {}).get("name", "")}
     result = export_model(target, fmt.value, out, dynamic_depth=dynamic_depth, data=data, metadata=meta)
+    if note:
+        print(note, file=sys.stderr)
     _emit(result, as_json, f"resode export: {path.name}", [
         ("file", result["path"]), ("format", fmt.value + (" (dynamic depth)" if dynamic_depth else "")),
         ("depth", "input 'depth'" if dynamic_depth else str(result["depth"])), ("scheme", result["scheme"]),
@@ -526,7 +529,8 @@ def inspect(
         print(f"note: measuring on {len(x)} random normal inputs of shape {tuple(net.config.in_shape)} "
               "(give --data for real ones)", file=sys.stderr)
     if tuple(x.shape[1:]) != tuple(net.config.in_shape):
-        raise ResodeError(f"test data has samples of shape {tuple(x.shape[1:])}, the model expects {net.config.in_shape}")
+        raise ResodeError(f"test data has samples of shape {tuple(x.shape[1:])}, the model expects {net.config.in_shape}; "
+                          f"{shape_fix(tuple(x.shape[1:]), tuple(net.config.in_shape))}")
     with progress_bar() as bar:
         result = {"model": str(path), **inspect_model(net, x, tolerance, progress=bar)}
     if imported:

@@ -48,6 +48,15 @@ class Dataset:
                 "train_size": len(self.y_train), "test_size": len(self.y_test)}
 
 
+def shape_fix(data_shape: tuple[int, ...], model_shape: tuple[int, ...]) -> str:
+    """How to fix data whose samples do not have the model's shape (a hint for the error line)."""
+    if len(model_shape) == 3 and len(data_shape) != 3:
+        return "this model takes images: give image data (--data digits-images, fashion-mnist, or an .npz of images)"
+    if len(model_shape) == 1 and len(data_shape) != 1:
+        return "this model takes flat samples: give --data digits or an .npz of flat samples"
+    return "give --data whose samples have the model's shape"
+
+
 def digits(images: bool = False) -> Dataset:
     """scikit-learn's 8×8 digits (1797 images), flattened to 64 features in [0, 1]; with ``images``
     (data set ``digits-images``) the same samples as (1, 8, 8) images, for conv models."""

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .data import Dataset
+from .data import Dataset, shape_fix
 from .errors import ResodeError, check_choice, one_line
 from .evaluate import accuracy, predict, progress_bar
 from .gradients import reconstruction_error
@@ -273,7 +273,8 @@ def train(
         model, saved = load_checkpoint(out)
         checkpoint_epochs, monitors = _resume_record(out, saved)
     if tuple(data.in_shape) != tuple(model.config.in_shape):
-        raise ResodeError(f"data has samples of shape {data.in_shape}, the model expects {model.config.in_shape}")
+        raise ResodeError(f"data has samples of shape {data.in_shape}, the model expects {model.config.in_shape}; "
+                          f"{shape_fix(data.in_shape, tuple(model.config.in_shape))}")
     classes = int(max(data.y_train.max(), data.y_test.max())) + 1
     if classes > model.config.num_classes:
         raise ResodeError(f"the data has labels up to {classes - 1}, the model has {model.config.num_classes} classes")
@@ -430,7 +431,8 @@ def write_model_card(checkpoint, model: ODENet, record: dict, command: str) -> P
     lines = [
         f"# {Path(checkpoint).stem}",
         "",
-        f"An ODENet ({cfg.arch}) trained by resode ({tr['method']} gradients) from {_INIT_TEXT.get(init, init)}.",
+        f"An ODENet ({cfg.arch}) trained by resode ({tr['method']} gradients), "
+        f"{init if str(init).startswith('fine-tuned') else 'from ' + _INIT_TEXT.get(init, init)}.",
         "",
         "| | |",
         "|---|---|",

@@ -286,3 +286,17 @@ def test_fine_tuning_refuses_options_it_would_ignore(capsys, tmp_path):
         code, _, err = run_cli(capsys, *args, "--epochs", "1", "--out", out)
         assert code == 2 and hint in err and len(err.strip().splitlines()) == 1, (args, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_data_of_the_wrong_shape_says_which_data_fits(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "convert", DIGITS, "--data", "digits-images")
+    assert code == 2 and "this model takes flat samples: give --data digits" in err and len(err.strip().splitlines()) == 1
+
+
+def test_fine_tuned_model_card_reads_plainly(capsys, tmp_path):
+    src = tmp_path / "m.safetensors"
+    src.write_bytes(DIGITS.read_bytes())
+    code, _, err = run_cli(capsys, "train", src, "--depth", "4", "--epochs", "1", "--out", tmp_path / "ft.safetensors")
+    assert code == 0, err
+    card = (tmp_path / "ft.md").read_text()
+    assert "gradients), fine-tuned from m.safetensors." in card and "from fine-tuned" not in card

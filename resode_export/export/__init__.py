@@ -209,7 +209,8 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
         else:
             from .torch_graph import exported_program
 
-            torch.export.save(exported_program(model), tmp)
+            with open(tmp, "wb") as fh:  # a file object: torch warns on a path not ending in .pt2 (our temporary)
+                torch.export.save(exported_program(model), fh)
         seconds = time.perf_counter() - start
         verify_start = time.perf_counter()
         native = sorted(set(model.config.depths))
