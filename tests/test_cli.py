@@ -299,4 +299,4 @@ def test_fine_tuned_model_card_reads_plainly(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", src, "--depth", "4", "--epochs", "1", "--out", tmp_path / "ft.safetensors")
     assert code == 0, err
     card = (tmp_path / "ft.md").read_text()
-    assert "gradients), fine-tuned from m.safetensors." in card and "from fine-tuned" not in card
+    assert f"gradients), fine-tuned from {src}." in card and "from fine-tuned" not in card
