@@ -164,9 +164,14 @@ def inspect_model(model: ODENet, x: Tensor, tolerance: float = 0.05, max_depth: 
         progress.remove_task(task)
     rough = [s for s in stages if s["max_relative_jump"] > MAX_JUMP]
     far = [s for s in stages if s["distance_to_limit_ode"] > MAX_DISTANCE]
-    ode_like = not rough and not far
+    single = all(s["depth"] < 2 for s in stages)  # one step a stage: no change in depth to measure
+    ode_like = not rough and not far and not single
     cost = {s: min_depth[s] * get_scheme(s).stages for s in SCHEMES if min_depth[s] is not None}
-    if ode_like and cost:
+    if single and not far:
+        verdict = ("cannot judge: every stage runs a single step, so how smooth the weights are in depth cannot be "
+                   f"measured (the model is {native_dev:.3g} from its limit ODE); a deeper ResNet, or one trained "
+                   "from a smooth initialization, can be judged")
+    elif ode_like and cost:
         best = min(cost, key=lambda s: (cost[s], s))
         verdict = (f"ODE-like: safe to re-discretize down to depth {min_depth[best]} with {best} "
                    f"(logits within {tolerance:g} of the limit ODE; the model itself is {native_dev:.3g} from it)")

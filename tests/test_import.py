@@ -414,6 +414,16 @@ def test_inspect_an_import_says_it_plainly(capsys, r50_file):
     assert "usually rough in depth" in result["note"]
 
 
+def test_inspect_of_one_step_stages_cannot_judge(capsys, tmp_path):
+    """resnet18: a transition and one ODE step a stage, so there is no smoothness in depth to measure."""
+    path = tmp_path / "r18.pth"
+    torch.save(small("resnet18").state_dict(), path)
+    code, stdout, err = run_cli(capsys, "inspect", path, "--input-size", "32", "--limit", "4", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert not result["ode_like"] and result["verdict"].startswith("cannot judge: every stage runs a single step")
+
+
 def _tiny_images(tmp_path):
     """A 3×16×16 task a ResNet learns in a few steps: the class is the brightest quadrant."""
     gen = np.random.default_rng(0)
