@@ -310,9 +310,13 @@ def train(
         if as_images:
             print("note: a conv model takes digits as (1, 8, 8) images (data set digits-images)", file=sys.stderr)
         net = ODENet(config, init="iid" if init.value == "iid" else "smooth", seed=seed)
-    log_path = log if log is not None else out.with_name(out.stem + ".log.jsonl")
+    default_log = out.with_name(out.stem + ".log.jsonl")
+    log_path = log if log is not None else default_log
     if log is not None:
         check_output_path(log)
+        if resume and not log.is_file() and default_log.is_file() and log.resolve() != default_log.resolve():
+            raise ResodeError(f"the run's log is {str(default_log)!r}; resuming into a new --log would split its "
+                              "history: drop --log, or give the one the run started with")
     if not resume and log_path.exists() and is_writer():
         log_path.unlink()  # a new run starts a new log
     net, record = run_training(net, dataset, options, out=out, resume=resume, log=log_path)

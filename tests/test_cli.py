@@ -300,3 +300,13 @@ def test_fine_tuned_model_card_reads_plainly(capsys, tmp_path):
     assert code == 0, err
     card = (tmp_path / "ft.md").read_text()
     assert f"gradients), fine-tuned from {src}." in card and "from fine-tuned" not in card
+
+
+def test_resume_into_another_log_is_refused(capsys, tmp_path):
+    out = tmp_path / "run.safetensors"
+    args = ["train", "--depth", "2", "--width", "4", "--hidden", "4", "--epochs", "2", "--out", out]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *args, "--resume", "--log", tmp_path / "other.jsonl")
+    assert code == 2 and "would split its history" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "other.jsonl").exists()
