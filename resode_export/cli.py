@@ -256,8 +256,9 @@ def train(
     from .train import train as run_training
 
     check_output_path(out)
-    if out.suffix == ".md":
-        raise ResodeError(f"--out {str(out)!r} would be overwritten by the model card; use a .safetensors name")
+    if out.suffix.lower() != ".safetensors":
+        raise ResodeError(f"train writes a .safetensors checkpoint: give --out a name ending in .safetensors, got "
+                          f"{str(out)!r}")
     if adjoint and grad not in (None, GradName.adjoint):
         raise ResodeError(f"--adjoint conflicts with --grad {grad.value}; give one of them")
     method = "adjoint" if adjoint else (grad.value if grad else None)
@@ -281,10 +282,10 @@ def train(
         if not out.is_file():
             raise ResodeError(f"nothing to resume: no such file: {str(out)!r}")
         net, header = load_checkpoint(out)
-        dataset = load_data(data, data_dir) if data else dataset_for(header)
+        dataset = _images_if_needed(load_data(data, data_dir) if data else dataset_for(header), net)
     elif model is not None:  # fine-tuning; an imported ResNet keeps BatchNorm as a trainable frozen affine
         net, header, _ = load_model(model, bn="frozen" if is_foreign(resolve_model(model)) else None)
-        dataset = load_data(data, data_dir) if data else dataset_for(header)
+        dataset = _images_if_needed(load_data(data, data_dir) if data else dataset_for(header), net)
         net = fit_input(net, dataset)
         depths = parse_depths(depth, None, net.config.depths)
         if untie:
@@ -380,7 +381,10 @@ def export(
     if out is not None:
         check_output_path(out)
         suffix, own = out.suffix.lower(), FORMATS[fmt.value]
-        claimed = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "a resode checkpoint"}  # names only one form takes
+        if suffix == ".safetensors":
+            raise ResodeError("a .safetensors name is for resode checkpoints (resode convert and train write them); "
+                              f"--format {fmt.value} writes a {own} file")
+        claimed = {".onnx": "onnx", ".pt2": "pt2"}  # names only one form takes
         if claimed.get(suffix, fmt.value) != fmt.value or (own in claimed and suffix != own):
             raise ResodeError(f"--format {fmt.value} writes a {own} file, but --out ends in {suffix or 'no suffix'}; "
                               f"name it *{own} or give the matching --format")
@@ -541,8 +545,8 @@ def inspect(
         result["note"] = (
             f"imported ({imported.get('layout', 'a torchvision-style ResNet')}): ResNets trained as "
             "ResNets are usually rough in depth (Sander et al. 2022), their blocks unrelated steps of no single "
-            "ODE, so expect 'not ODE-like'; to make one re-discretizable, convert it with --interp smooth and "
-            "fine-tune it (resode train MODEL)")
+            "ODE, so expect 'not ODE-like' (or 'cannot judge', with one step a stage); to make one "
+            "re-discretizable, convert it with --interp smooth and fine-tune it (resode train MODEL)")
     result["seconds"] = round(time.perf_counter() - start, 3)
     if as_json:
         print(json.dumps(result))
@@ -563,6 +567,15 @@ def inspect(
     print(result["verdict"])
     if result.get("note"):
         print(f"note: {result['note']}")
+
+
+def _images_if_needed(dataset, net):
+    """Flat digits for a model that takes images: the same samples as digits-images (as a new conv run does)."""
+    from .data import load_data
+
+    if dataset.name == "digits" and len(net.config.in_shape) == 3:
+        return load_data("digits-images")
+    return dataset
 
 
 INTERRUPTED = ("interrupted; files are written only when complete (a training run keeps its last finished epoch: "
@@ -594,37 +607,37 @@ def main(argv: list[str] | None = None) -> None:
     global _invocation
     args = sys.argv[1:] if argv is None else list(argv)
     _invocation = args
-    # under torchrun every rank meets the same bad input: one of them says so
-    say = os.environ.get("RANK", "0") == "0"
+    # under torchrun every rank prints its own error; a rank other than 0 marks its line
+    rank = os.environ.get("RANK", "0")
+    tag = f"[rank {rank}] " if rank != "0" and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+
+    def say(text: str) -> None:
+        print(f"{tag}error: {text}", file=sys.stderr)
+
     restore = _terminate_as_exception()
     try:
         code = app(args=args or ["--help"], prog_name="resode", standalone_mode=False)
-        if code == 130 and say:  # typer returns 130 for Ctrl-C when not standalone
-            print(f"error: {INTERRUPTED}", file=sys.stderr)
+        if code == 130:  # typer returns 130 for Ctrl-C when not standalone
+            say(INTERRUPTED)
     except typer.Exit as exc:
         code = exc.exit_code
-        if code == 130 and say:  # typer turns Ctrl-C into Exit(130)
-            print(f"error: {INTERRUPTED}", file=sys.stderr)
+        if code == 130:
+            say(INTERRUPTED)
     except ResodeError as exc:
-        if say:
-            print(f"error: {exc}", file=sys.stderr)
+        say(str(exc))
         code = 2
     except (typer.Abort, KeyboardInterrupt):
-        if say:
-            print(f"error: {INTERRUPTED}", file=sys.stderr)
+        say(INTERRUPTED)
         code = 130
     except _Terminated:
-        if say:
-            print(f"error: terminated (SIGTERM); {INTERRUPTED.split('; ', 1)[1]}", file=sys.stderr)
+        say(f"terminated (SIGTERM); {INTERRUPTED.split('; ', 1)[1]}")
         code = 143
     except Exception as exc:  # noqa: BLE001 - the boundary: no traceback for users
         if hasattr(exc, "format_message"):  # click's usage errors (typer may vendor its own click)
-            text = " ".join(exc.format_message().split()).replace("Value error, ", "")  # typer's enum validation
-            if say:
-                print(f"error: {text}", file=sys.stderr)
+            say(" ".join(exc.format_message().split()).replace("Value error, ", ""))  # typer's enum validation
             code = 2
         else:
-            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            say(f"{type(exc).__name__}: {exc}")
             code = 1
     finally:
         restore()

@@ -43,7 +43,11 @@ def check_output_path(path: str | os.PathLike) -> Path:
     folder is probed with a real temporary file, so a read-only or special folder fails here.
     """
     given = Path(path)
-    path = given.resolve() if given.is_symlink() else given
+    try:
+        path = given.resolve(strict=False) if given.is_symlink() else given
+    except (RuntimeError, OSError) as exc:  # a symlink loop
+        raise ResodeError(f"output path {str(given)!r} cannot be resolved ({one_line(str(exc))}); "
+                          "choose another output path") from None
     if path.parent.exists() and not path.parent.is_dir():
         raise ResodeError(f"output folder {str(path.parent)!r} is a file, not a folder; choose another output path")
     if not path.parent.is_dir():

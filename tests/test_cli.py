@@ -310,3 +310,28 @@ def test_resume_into_another_log_is_refused(capsys, tmp_path):
     code, _, err = run_cli(capsys, *args, "--resume", "--log", tmp_path / "other.jsonl")
     assert code == 2 and "would split its history" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_resume_of_a_conv_run_on_digits_finds_its_images(capsys, tmp_path):
+    """`--arch conv --data digits` trains on digits-images; the same command with --resume does too."""
+    args = ["train", "--arch", "conv", "--data", "digits", "--width", "8", "--depth", "2", "--epochs", "1",
+            "--out", tmp_path / "c.safetensors"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *args, "--resume")
+    assert code == 2 and "already finished" in err, err
+
+
+def test_errors_of_other_ranks_are_marked_not_hidden(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli(capsys, "convert", "missing.safetensors")
+    assert code == 2 and err.startswith("[rank 1] error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_checkpoint_names_are_safetensors(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "m.pt")
+    assert code == 2 and "train writes a .safetensors checkpoint" in err, err
+    code, _, err = run_cli(capsys, "export", DIGITS, "--out", tmp_path / "m.safetensors")
+    assert code == 2 and "a .safetensors name is for resode checkpoints" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -252,6 +252,13 @@ def test_an_empty_state_dict_is_named(tmp_path):
     torch.save({}, path)
     with pytest.raises(ResodeError, match="holds an empty dict"):
         read_state_dict(path)
+    torch.save({"epoch": 3, "optimizer": {"state": {}, "param_groups": []}}, path)  # no weights in it at all
+    with pytest.raises(ResodeError, match="holds no tensors"):
+        read_state_dict(path)
+    sd = small("resnet18").state_dict()
+    torch.save({"weights": sd, "ema_weights": sd}, path)
+    with pytest.raises(ResodeError, match=r"several dicts of tensors \(weights, ema_weights\)"):
+        read_state_dict(path)
 
 
 def test_torchscript_archive_is_not_a_state_dict(capsys, tmp_path, r50_file):

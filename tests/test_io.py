@@ -169,6 +169,13 @@ def test_special_outputs_are_refused_and_links_written_through(tmp_path):
         io.check_output_path(tmp_path / "afile" / "m.safetensors")
 
 
+def test_a_symlink_loop_at_the_output_is_one_clear_error(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(ResodeError, match="cannot be resolved"):
+        io.check_output_path(tmp_path / "a")
+
+
 def test_an_unwritable_folder_is_found_before_any_work(tmp_path):
     """The folder is probed with a real file, so even root learns up front that /proc takes no files."""
     with pytest.raises(ResodeError, match=r"cannot write in folder '/proc'"):

@@ -246,7 +246,7 @@ def test_cli_resumes_an_interrupted_run(capsys, tmp_path, monkeypatch):
 
 def test_cli_refuses_an_out_the_card_would_overwrite(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--out", tmp_path / "notes.md")
-    assert code == 2 and "model card" in err
+    assert code == 2 and "train writes a .safetensors checkpoint" in err  # the card would overwrite a .md
 
 
 def test_mlp_takes_images_flattened(capsys, tmp_path):

@@ -129,12 +129,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     def count(d: dict) -> int:
         return sum(isinstance(v, Tensor) for v in d.values())
 
+    def has_tensors(v, depth: int = 3) -> bool:
+        return isinstance(v, Tensor) or (depth > 0 and isinstance(v, dict) and any(has_tensors(u, depth - 1)
+                                                                                  for u in v.values()))
+
     for _ in range(3):  # {"state_dict": …} or {"model": {"state_dict": …}}, beside e.g. "epoch" or a best-accuracy tensor
         if isinstance(loaded, dict):
             inner = next((loaded[k] for k in WRAPPERS if isinstance(loaded.get(k), dict)), None)
-            if inner is None and not count(loaded):  # the one dict under another name: {"weights": {...}}
-                dicts = [v for v in loaded.values() if isinstance(v, dict)]
-                inner = dicts[0] if len(dicts) == 1 else None
+            if inner is None and not count(loaded):  # the one dict of tensors under another name: {"weights": {...}}
+                dicts = {k: v for k, v in loaded.items() if isinstance(v, dict) and has_tensors(v)}
+                if len(dicts) > 1:
+                    raise ResodeError(f"{str(path)!r} holds several dicts of tensors ({', '.join(map(str, dicts))}); "
+                                      "save the state dict to import on its own with torch.save")
+                inner = next(iter(dicts.values()), None)
             if inner is not None and (not count(loaded) or count(inner) > count(loaded)):
                 loaded = inner
     if isinstance(loaded, dict) and not loaded:
