@@ -376,3 +376,15 @@ def test_temporaries_of_killed_exports_are_cleared(tmp_path):
     live.write_bytes(b"being written")
     export_model(ODENet(mlp_config(depths=(2, 2)), init="iid"), "onnx", out)
     assert out.is_file() and not dead.exists() and live.exists()
+
+
+def test_a_failed_export_write_is_one_clear_error(capsys, tmp_path, monkeypatch):
+    import resode_export.export as export_module
+
+    def full_disk(proto, tmp, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module, "_write_onnx", full_disk)
+    code, _, err = run_cli(capsys, "export", "--out", tmp_path / "m.onnx")
+    assert code == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []

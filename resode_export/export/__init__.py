@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..data import Dataset
-from ..errors import ResodeError, check_choice
+from ..errors import ResodeError, check_choice, one_line
 from ..evaluate import predict, relative_deviation
 from ..io import _remove_stale_temporaries, check_output_path
 from ..network import ODENet
@@ -223,6 +223,11 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
             if path is not None:
                 os.chmod(path, 0o644)
         os.replace(tmp, out)
+    except OSError as exc:  # e.g. the disk filled up: nothing written, one clear line
+        Path(tmp).unlink(missing_ok=True)
+        data_file.unlink(missing_ok=True)
+        raise ResodeError(f"could not write {str(out)!r} ({exc.strerror or one_line(str(exc))}); "
+                          "free space or choose another output path") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         data_file.unlink(missing_ok=True)  # a weights file of this export only, complete or not
