@@ -596,6 +596,7 @@ def _terminate_as_exception():
         return lambda: None
 
     def raise_terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
         raise _Terminated()
 
     signal.signal(signal.SIGTERM, raise_terminated)

@@ -291,6 +291,9 @@ def train(
     if resume:
         header = _load_state(state_path(out), opt)
         history, start_epoch, elapsed = header["history"], header["epoch"], header["seconds"]
+        run_log = header.get("log")  # absent from states written before it was recorded
+        if isinstance(run_log, str) and log is not None and Path(log).resolve() != Path(run_log):
+            raise ResodeError(f"resume with the run's own log: --log {run_log} (given {log}); one run, one history")
         _check_resumable(options, header, checkpoint_epochs)
         try:
             if header["weights"]:  # the state's own epoch (the checkpoint may be one ahead)
@@ -381,7 +384,7 @@ def train(
                     _save_state(state_path(out), opt, {
                         "epoch": epoch + 1, "history": history, "seconds": row["seconds"], "options": asdict(options),
                         "reconstruction_monitor": record["training"].get("reconstruction_monitor", []),
-                        "weights": model.state_dict()})
+                        "log": str(log.resolve()) if log is not None else None, "weights": model.state_dict()})
                 if show_progress:
                     bar.console.print(f"epoch {epoch + 1}/{options.epochs}: loss {row['loss']:.4f}, "
                                       f"train {100 * row['train_accuracy']:.2f} %, test {100 * test_acc:.2f} %, "

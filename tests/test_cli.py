@@ -335,3 +335,17 @@ def test_checkpoint_names_are_safetensors(capsys, tmp_path):
     code, _, err = run_cli(capsys, "export", DIGITS, "--out", tmp_path / "m.safetensors")
     assert code == 2 and "a .safetensors name is for resode checkpoints" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_without_the_runs_custom_log_is_refused(capsys, tmp_path):
+    """The training state records the run's log: resuming a run that logged to a custom file, without
+    naming it, would start a second history in the default log."""
+    out, custom = tmp_path / "run.safetensors", tmp_path / "custom.jsonl"
+    args = ["train", "--depth", "2", "--width", "4", "--hidden", "4", "--epochs", "2", "--out", out]
+    code, _, err = run_cli(capsys, *args, "--log", custom)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *args, "--resume")
+    assert code == 2 and "resume with the run's own log" in err and str(custom) in err, err
+    assert not (tmp_path / "run.log.jsonl").exists()
+    code, _, err = run_cli(capsys, *args, "--log", custom, "--resume")
+    assert code == 2 and "already finished" in err, err
