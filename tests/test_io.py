@@ -176,11 +176,10 @@ def test_a_symlink_loop_at_the_output_is_one_clear_error(tmp_path):
         io.check_output_path(tmp_path / "a")
 
 
-def test_an_unwritable_folder_is_found_before_any_work(tmp_path):
+def test_an_unwritable_folder_is_found_before_any_work():
     """The folder is probed with a real file, so even root learns up front that /proc takes no files."""
     with pytest.raises(ResodeError, match=r"cannot write in folder '/proc'"):
         io.check_output_path("/proc/m.safetensors")
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_write_is_one_clear_error(tmp_path):
