@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Dataset, shape_fix
+from .data import Dataset, check_samples
 from .errors import ResodeError, one_line
 from .evaluate import accuracy, predict, relative_deviation
 from .export import onnx_session, run_onnx
@@ -90,9 +90,7 @@ def check_model(model: ODENet, data: Dataset, depths: list[int], schemes: list[s
 
     model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its dtype, device and mode
     x_t, y = data.x_test[:limit].float(), data.y_test[:limit]
-    if tuple(x_t.shape[1:]) != tuple(model.config.in_shape):
-        raise ResodeError(f"test data has samples of shape {tuple(x_t.shape[1:])}, the model expects "
-                          f"{tuple(model.config.in_shape)}; {shape_fix(tuple(x_t.shape[1:]), tuple(model.config.in_shape))}")
+    check_samples(x_t.shape[1:], model.config.in_shape)
     source_accuracy = accuracy(predict(model, x_t), y)
     x = x_t.numpy()
     rows = []
@@ -130,9 +128,7 @@ def check_onnx(path: Path, data: Dataset, depths: list[int], tolerance: float, r
                           "export") from None
     in_shape = tuple(session.get_inputs()[0].shape[1:])
     x_t, y = data.x_test[:limit].float(), data.y_test[:limit]
-    if tuple(x_t.shape[1:]) != in_shape:
-        raise ResodeError(f"test data has samples of shape {tuple(x_t.shape[1:])}, {path.name} expects {in_shape}; "
-                          f"{shape_fix(tuple(x_t.shape[1:]), in_shape)}")
+    check_samples(x_t.shape[1:], in_shape, model=path.name)
     x = x_t.numpy()
     dynamic = meta.get("resode.dynamic_depth") == "true"
     native = [int(d) for d in meta["resode.depths"].split(",")]

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from . import __version__
 from .curves import INTERPOLATIONS
-from .data import DATASETS, shape_fix
+from .data import DATASETS, check_samples
 from .errors import ResodeError, check_choice
 from .fields import ACTIVATIONS, BN_FORMS
 from .gradients import GRADIENTS, compatible
@@ -536,9 +536,7 @@ def inspect(
         x = probe_inputs(net, min(limit, 16))
         print(f"note: measuring on {len(x)} random normal inputs of shape {tuple(net.config.in_shape)} "
               "(give --data for real ones)", file=sys.stderr)
-    if tuple(x.shape[1:]) != tuple(net.config.in_shape):
-        raise ResodeError(f"test data has samples of shape {tuple(x.shape[1:])}, the model expects {net.config.in_shape}; "
-                          f"{shape_fix(tuple(x.shape[1:]), tuple(net.config.in_shape))}")
+    check_samples(x.shape[1:], net.config.in_shape)
     with progress_bar() as bar:
         result = {"model": str(path), **inspect_model(net, x, tolerance, progress=bar)}
     if imported:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .data import Dataset, load_data, shape_fix
+from .data import Dataset, check_samples, load_data
 from .errors import ResodeError
 from .evaluate import accuracy, predict, relative_deviation
 from .io import METADATA_KEY, load_checkpoint
@@ -198,9 +198,7 @@ def compare(source: ODENet, target: ODENet, data: Dataset | None, limit: int | N
     x, y = data.x_test, data.y_test
     if limit is not None:
         x, y = x[:limit], y[:limit]
-    if tuple(x.shape[1:]) != tuple(source.config.in_shape):
-        raise ResodeError(f"test data has samples of shape {tuple(x.shape[1:])}, the model expects {source.config.in_shape}; "
-                          f"{shape_fix(tuple(x.shape[1:]), tuple(source.config.in_shape))}")
+    check_samples(x.shape[1:], source.config.in_shape)
     ref = predict(source, x, progress=progress, description="source model")
     out = predict(target, x, progress=progress, description="converted model")
     dev = relative_deviation(out, ref)

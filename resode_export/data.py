@@ -48,13 +48,18 @@ class Dataset:
                 "train_size": len(self.y_train), "test_size": len(self.y_test)}
 
 
-def shape_fix(data_shape: tuple[int, ...], model_shape: tuple[int, ...]) -> str:
-    """How to fix data whose samples do not have the model's shape (a hint for the error line)."""
-    if len(model_shape) == 3 and len(data_shape) != 3:
-        return "this model takes images: give image data (--data digits-images, fashion-mnist, or an .npz of images)"
-    if len(model_shape) == 1 and len(data_shape) != 1:
-        return "this model takes flat samples: give --data digits or an .npz of flat samples"
-    return "give --data whose samples have the model's shape"
+def check_samples(shape, expected, data: str = "test data", model: str = "the model") -> None:
+    """Raise a ResodeError, saying which data would fit, unless samples of ``shape`` are ``expected``'s."""
+    shape, expected = tuple(shape), tuple(expected)
+    if shape == expected:
+        return
+    if len(expected) == 3 and len(shape) != 3:
+        fix = "this model takes images: give image data (--data digits-images, fashion-mnist, or an .npz of images)"
+    elif len(expected) == 1 and len(shape) != 1:
+        fix = "this model takes flat samples: give --data digits or an .npz of flat samples"
+    else:
+        fix = "give --data whose samples have the model's shape"
+    raise ResodeError(f"{data} has samples of shape {shape}, {model} expects {expected}; {fix}")
 
 
 def digits(images: bool = False) -> Dataset:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .data import Dataset, shape_fix
+from .data import Dataset, check_samples
 from .errors import ResodeError, check_choice, one_line
 from .evaluate import accuracy, predict, progress_bar
 from .gradients import reconstruction_error
@@ -272,9 +272,7 @@ def train(
     if resume:
         model, saved = load_checkpoint(out)
         checkpoint_epochs, monitors = _resume_record(out, saved)
-    if tuple(data.in_shape) != tuple(model.config.in_shape):
-        raise ResodeError(f"data has samples of shape {data.in_shape}, the model expects {model.config.in_shape}; "
-                          f"{shape_fix(data.in_shape, tuple(model.config.in_shape))}")
+    check_samples(data.in_shape, model.config.in_shape, data="data")
     classes = int(max(data.y_train.max(), data.y_test.max())) + 1
     if classes > model.config.num_classes:
         raise ResodeError(f"the data has labels up to {classes - 1}, the model has {model.config.num_classes} classes")
