@@ -22,6 +22,7 @@ from .errors import ResodeError, one_line
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 DATASETS = ("digits", "digits-images", "fashion-mnist")
+NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 MAX_CLASSES = 100_000  # a label beyond this is a mistake, not a class: the head would not fit in memory
 
 
@@ -70,14 +71,12 @@ def digits(images: bool = False) -> Dataset:
 
     x, y = load_digits(return_X_y=True)
     xtr, xte, ytr, yte = train_test_split(x / 16.0, y, test_size=0.25, random_state=0, stratify=y)
-    as_x = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    shape = (-1, 1, 8, 8) if images else (-1, 64)
+    as_x = lambda a: torch.tensor(a, dtype=torch.float32).reshape(shape)  # noqa: E731
     as_y = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
-    if images:
-        return Dataset("digits-images", as_x(xtr).reshape(-1, 1, 8, 8), as_y(ytr), as_x(xte).reshape(-1, 1, 8, 8),
-                       as_y(yte), preprocessing="pixels / 16 (range [0, 1]), as (1, 8, 8) images",
-                       split="sklearn train_test_split(test_size=0.25, random_state=0, stratify=y): 1347 train, 450 test")
-    return Dataset("digits", as_x(xtr), as_y(ytr), as_x(xte), as_y(yte),
-                   preprocessing="pixels / 16 (range [0, 1]), flattened to 64 features",
+    return Dataset("digits-images" if images else "digits", as_x(xtr), as_y(ytr), as_x(xte), as_y(yte),
+                   preprocessing="pixels / 16 (range [0, 1]), "
+                                 + ("as (1, 8, 8) images" if images else "flattened to 64 features"),
                    split="sklearn train_test_split(test_size=0.25, random_state=0, stratify=y): 1347 train, 450 test")
 
 
@@ -141,7 +140,7 @@ def npz(path: str | os.PathLike) -> Dataset:
             raise ResodeError(f"{str(path)!r} is a single .npy array, not an .npz archive of named arrays")
         with loaded as fh:
             present = list(fh.files)
-            arrays = {k: fh[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in present}
+            arrays = {k: fh[k] for k in NPZ_ARRAYS if k in present}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         if "pickle" in str(exc):
             raise ResodeError(f"cannot read {str(path)!r}: it holds pickled (object) arrays and resode never unpickles "
@@ -149,7 +148,7 @@ def npz(path: str | os.PathLike) -> Dataset:
         text = one_line(str(exc))
         raise ResodeError(f"cannot read {str(path)!r} as .npz ({text}); give an .npz of numeric arrays x_train, "
                           "y_train, x_test, y_test") from None
-    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+    missing = [k for k in NPZ_ARRAYS if k not in arrays]
     if missing:
         raise ResodeError(f"{str(path)!r} lacks the array(s) {', '.join(missing)}; it needs x_train, y_train, x_test, "
                           f"y_test (it has {', '.join(present) or 'none'})")
