@@ -58,13 +58,24 @@ def check_output_path(path: str | os.PathLike) -> Path:
         raise ResodeError(f"output path {str(given)!r} is not a regular file (a device, pipe or socket); "
                           "choose a file path")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
+        os.unlink(new_temporary(path))
     except OSError as exc:
         raise ResodeError(f"cannot write in folder {str(path.parent)!r} ({exc.strerror or exc}); "
                           "choose another output path") from None
     return path
+
+
+def new_temporary(path: Path) -> str:
+    """A new empty file beside ``path``, named as :func:`temporaries` finds it (``.NAME.PID-XXXX.tmp``)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def write_failed(path: Path, exc: OSError) -> ResodeError:
+    """The one error line for a write that failed (a full disk, say): nothing was written."""
+    return ResodeError(f"could not write {str(path)!r} ({exc.strerror or one_line(str(exc))}); "
+                       "free space or choose another output path")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -76,19 +87,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """
     path = check_output_path(path)
     _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = new_temporary(path)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         _fsync(tmp)
         os.replace(tmp, path)
-    except OSError as exc:  # e.g. the disk filled up: nothing written, one clear line
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise ResodeError(f"could not write {str(path)!r} ({exc.strerror or one_line(str(exc))}); "
-                          "free space or choose another output path") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_failed(path, exc) from None
         raise
     _fsync(path.parent)  # the rename itself
     return path

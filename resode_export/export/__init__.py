@@ -13,7 +13,6 @@ import glob
 import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 
 from ..data import Dataset
-from ..errors import ResodeError, check_choice, one_line
+from ..errors import ResodeError, check_choice
 from ..evaluate import predict, relative_deviation
-from ..io import _remove_stale_temporaries, check_output_path
+from ..io import _remove_stale_temporaries, check_output_path, new_temporary, write_failed
 from ..network import ODENet
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", "torchvision": ".pth"}
@@ -187,8 +186,7 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
     start = time.perf_counter()
     external = None
     _remove_stale_temporaries(out)  # of exports killed mid-way (their writer is gone)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".tmp", dir=out.parent)  # io's naming
-    os.close(fd)
+    tmp = new_temporary(out)
     data_file = out.with_name(f"{out.name}.{Path(tmp).name.split('.')[-2]}.data")  # unique, decided up front
     try:
         if fmt == "onnx":
@@ -223,14 +221,11 @@ def export_model(model: ODENet, fmt: str, out: str | os.PathLike, *, dynamic_dep
             if path is not None:
                 os.chmod(path, 0o644)
         os.replace(tmp, out)
-    except OSError as exc:  # e.g. the disk filled up: nothing written, one clear line
-        Path(tmp).unlink(missing_ok=True)
-        data_file.unlink(missing_ok=True)
-        raise ResodeError(f"could not write {str(out)!r} ({exc.strerror or one_line(str(exc))}); "
-                          "free space or choose another output path") from None
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         data_file.unlink(missing_ok=True)  # a weights file of this export only, complete or not
+        if isinstance(exc, OSError):
+            raise write_failed(out, exc) from None
         raise
     for stale in _stale_data_files(out, external):  # the new graph is in place: earlier weights are unused
         stale.unlink(missing_ok=True)
