@@ -128,14 +128,11 @@ def convert(
     from .convert import compare, dataset_for, fit_input, load_model, parse_depths, parse_input_size
     from .data import load_data
     from .evaluate import progress_bar
-    from .io import check_output_path, save_checkpoint
+    from .io import save_checkpoint
 
     start = time.perf_counter()
     if out is not None:
-        check_output_path(out)
-        if out.suffix.lower() != ".safetensors":
-            raise ResodeError(f"convert writes a .safetensors checkpoint: give --out a name ending in .safetensors, got "
-                              f"{str(out)!r} (resode export writes ONNX, TorchScript and pt2 files)")
+        _checkpoint_out(out, "convert")
     source, header, path = load_model(model, source_arch.value, parse_input_size(input_size), bn and bn.value)
     if out is not None and out.resolve() == path.resolve():
         raise ResodeError(f"--out {str(out)!r} is the model being converted; write the converted one to another file")
@@ -248,26 +245,20 @@ def train(
     """Train an ODENet (from a smooth-in-depth start) or fine-tune a checkpoint."""
     from .convert import dataset_for, fit_input, is_foreign, load_model, parse_depths, resolve_model
     from .data import load_data
-    from .io import check_output_path, load_checkpoint, save_checkpoint
+    from .io import load_checkpoint, save_checkpoint
     from .network import ODENet, ODENetConfig
     from .network import untie as untie_model
     from .resources import check_training
     from .train import TrainOptions, is_writer, write_model_card
     from .train import train as run_training
 
-    check_output_path(out)
-    if out.suffix.lower() != ".safetensors":
-        raise ResodeError(f"train writes a .safetensors checkpoint: give --out a name ending in .safetensors, got "
-                          f"{str(out)!r}")
+    _checkpoint_out(out, "train")
     if adjoint and grad not in (None, GradName.adjoint):
         raise ResodeError(f"--adjoint conflicts with --grad {grad.value}; give one of them")
     method = "adjoint" if adjoint else (grad.value if grad else None)
     if model is not None and not resume:  # fine-tuning keeps the checkpoint's architecture: options that build
         # another would be ignored. (--resume is the run's own command line again, which names them.)
-        shape_options = ("arch", "width", "hidden", "activation", "init", "interp", "stem_stride")
-        sources = {name: ctx.get_parameter_source(name) for name in shape_options}
-        given = [f"--{name.replace('_', '-')}" for name, src in sources.items()
-                 if src is not None and src.name == "COMMANDLINE"]
+        given = _given(ctx, "arch", "width", "hidden", "activation", "init", "interp", "stem_stride")
         if given:
             one = len(given) == 1
             raise ResodeError(f"{', '.join(given)} only appl{'ies' if one else 'y'} to a new model and fine-tuning "
@@ -278,14 +269,17 @@ def train(
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer.value,
                            schedule=schedule.value, weight_decay=weight_decay, seed=seed, device=device.value,
                            skip_nonfinite=skip_nonfinite)
+    def own_data(net, header):  # --data, else the checkpoint's data set; digits as images for an image model
+        return _as_images(load_data(data, data_dir) if data else dataset_for(header), len(net.config.in_shape) == 3)
+
     if resume:  # the run's own model and data; its checkpoint carries them
         if not out.is_file():
             raise ResodeError(f"nothing to resume: no such file: {str(out)!r}")
         net, header = load_checkpoint(out)
-        dataset = _images_if_needed(load_data(data, data_dir) if data else dataset_for(header), net)
+        dataset = own_data(net, header)
     elif model is not None:  # fine-tuning; an imported ResNet keeps BatchNorm as a trainable frozen affine
         net, header, _ = load_model(model, bn="frozen" if is_foreign(resolve_model(model)) else None)
-        dataset = _images_if_needed(load_data(data, data_dir) if data else dataset_for(header), net)
+        dataset = own_data(net, header)
         net = fit_input(net, dataset)
         depths = parse_depths(depth, None, net.config.depths)
         if untie:
@@ -297,10 +291,8 @@ def train(
         except ValueError:
             raise ResodeError(f"--width must be an integer or a comma list of integers, got {width!r}") from None
         depths = parse_depths(depth or "32", None, (1,) * len(widths))
-        dataset = load_data(data or "digits", data_dir)
-        as_images = arch.value != "mlp" and dataset.name == "digits"
-        if as_images:  # conv stems take images: the same samples, 1×8×8
-            dataset = load_data("digits-images")
+        flat = load_data(data or "digits", data_dir)
+        dataset = _as_images(flat, arch.value != "mlp")
         config = ODENetConfig(
             arch=arch.value, in_shape=dataset.in_shape, num_classes=dataset.num_classes, widths=widths,
             depths=depths, knots=(1,) * len(widths) if init.value == "tied" else None, hidden=hidden,
@@ -308,16 +300,12 @@ def train(
             stem_stride=stem_stride, grad=method or "backprop",
         )
         check_training(config)  # before any allocation
-        if as_images:
+        if dataset is not flat:
             print("note: a conv model takes digits as (1, 8, 8) images (data set digits-images)", file=sys.stderr)
         net = ODENet(config, init="iid" if init.value == "iid" else "smooth", seed=seed)
-    default_log = out.with_name(out.stem + ".log.jsonl")
-    log_path = log if log is not None else default_log
+    log_path = log if log is not None else out.with_name(out.stem + ".log.jsonl")
     if log is not None:
-        check_output_path(log)
-        if resume and not log.is_file() and default_log.is_file() and log.resolve() != default_log.resolve():
-            raise ResodeError(f"the run's log is {str(default_log)!r}; resuming into a new --log would split its "
-                              "history: drop --log, or give the one the run started with")
+        check_output_path(log)  # a resumed run's own log is checked against its training state
     if not resume and log_path.exists() and is_writer():
         log_path.unlink()  # a new run starts a new log
     net, record = run_training(net, dataset, options, out=out, resume=resume, log=log_path)
@@ -465,11 +453,11 @@ def check(
         name = data or meta.get("resode.data")
         if not name:
             raise ResodeError(f"{path.name} names no data set: give --data")
-        given = {p for p in ("depths", "schemes") if getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"}
-        if "depths" in given and meta.get("resode.dynamic_depth") != "true":
+        given = _given(ctx, "depths", "schemes")
+        if "--depths" in given and meta.get("resode.dynamic_depth") != "true":
             print(f"note: {path.name} is a fixed-depth graph (depth {meta.get('resode.depths')}), so --depths is "
                   "ignored; export with --dynamic-depth to sweep depths", file=sys.stderr)
-        if "schemes" in given:
+        if "--schemes" in given:
             print(f"note: {path.name} runs the scheme it was exported with ({meta.get('resode.scheme')}), so --schemes "
                   "is ignored; check the checkpoint to compare schemes", file=sys.stderr)
         with progress_bar() as bar:
@@ -567,17 +555,28 @@ def inspect(
         print(f"note: {result['note']}")
 
 
-def _images_if_needed(dataset, net):
-    """Flat digits for a model that takes images: the same samples as digits-images (as a new conv run does)."""
+def _as_images(dataset, images: bool):
+    """digits-images in place of the flat digits for a model that takes images (the same samples, 1×8×8)."""
     from .data import load_data
 
-    if dataset.name == "digits" and len(net.config.in_shape) == 3:
-        return load_data("digits-images")
-    return dataset
+    return load_data("digits-images") if images and dataset.name == "digits" else dataset
 
 
-INTERRUPTED = ("interrupted; files are written only when complete (a training run keeps its last finished epoch: "
-               "run the same command with --resume to continue)")
+def _given(ctx: typer.Context, *names: str) -> list[str]:
+    """The options among ``names`` that the command line gave (not their defaults), as --flags."""
+    return [f"--{name.replace('_', '-')}" for name in names
+            if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+
+
+def _checkpoint_out(out: Path, command: str) -> None:
+    check_output_path(out)
+    if out.suffix.lower() != ".safetensors":
+        raise ResodeError(f"{command} writes a .safetensors checkpoint: give --out a name ending in .safetensors, got "
+                          f"{str(out)!r} (resode export writes ONNX, TorchScript and pt2 files)")
+
+
+UNFINISHED = ("files are written only when complete (a training run keeps its last finished epoch: run the same "
+              "command with --resume to continue)")
 
 
 class _Terminated(BaseException):
@@ -615,21 +614,16 @@ def main(argv: list[str] | None = None) -> None:
 
     restore = _terminate_as_exception()
     try:
-        code = app(args=args or ["--help"], prog_name="resode", standalone_mode=False)
-        if code == 130:  # typer returns 130 for Ctrl-C when not standalone
-            say(INTERRUPTED)
+        code = app(args=args or ["--help"], prog_name="resode", standalone_mode=False)  # 130 for Ctrl-C, as typer has it
     except typer.Exit as exc:
         code = exc.exit_code
-        if code == 130:
-            say(INTERRUPTED)
     except ResodeError as exc:
         say(str(exc))
         code = 2
     except (typer.Abort, KeyboardInterrupt):
-        say(INTERRUPTED)
         code = 130
     except _Terminated:
-        say(f"terminated (SIGTERM); {INTERRUPTED.split('; ', 1)[1]}")
+        say(f"terminated (SIGTERM); {UNFINISHED}")
         code = 143
     except Exception as exc:  # noqa: BLE001 - the boundary: no traceback for users
         if hasattr(exc, "format_message"):  # click's usage errors (typer may vendor its own click)
@@ -640,4 +634,6 @@ def main(argv: list[str] | None = None) -> None:
             code = 1
     finally:
         restore()
+    if code == 130:
+        say(f"interrupted; {UNFINISHED}")
     sys.exit(code if isinstance(code, int) else 0)

@@ -291,7 +291,8 @@ def train(
         history, start_epoch, elapsed = header["history"], header["epoch"], header["seconds"]
         run_log = header.get("log")  # absent from states written before it was recorded
         if isinstance(run_log, str) and log is not None and Path(log).resolve() != Path(run_log):
-            raise ResodeError(f"resume with the run's own log: --log {run_log} (given {log}); one run, one history")
+            raise ResodeError(f"resume with the run's own log, --log {run_log} (given {log}): another would split "
+                              "its history")
         _check_resumable(options, header, checkpoint_epochs)
         try:
             if header["weights"]:  # the state's own epoch (the checkpoint may be one ahead)
