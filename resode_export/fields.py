@@ -55,19 +55,29 @@ class Field:
         fewer per backward step, and one activation less held).
         """
         split = self._vjp_split()
-        head, tail = (list(theta), None) if split is None else split
+        if split is None:
+            _, x_bar, theta_bars = self.vjp_with_value(x, theta, cotangent)
+            return x_bar, theta_bars
+        head, tail = split
         tail_grads: dict[str, Tensor] = {}
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             leaves = {k: theta[k].detach().requires_grad_(True) for k in head}
-            if tail is None:
-                root, root_bar = self(x, leaves), cotangent
-            else:  # the graph, not this frame, holds the hidden input: freed as soon as its last user ran
-                tail_theta = {k: v.detach() for k, v in theta.items() if k not in leaves}
-                root, root_bar = _TailVJP.apply(tail, tail_theta, cotangent, tail_grads, self._vjp_hidden(x, leaves)), None
-            grads = torch.autograd.grad(root, [x, *leaves.values()], root_bar, allow_unused=True)
+            # the graph, not this frame, holds the hidden input: freed as soon as its last user ran
+            tail_theta = {k: v.detach() for k, v in theta.items() if k not in leaves}
+            root = _TailVJP.apply(tail, tail_theta, cotangent, tail_grads, self._vjp_hidden(x, leaves))
+            grads = torch.autograd.grad(root, [x, *leaves.values()], allow_unused=True)
         by_name = dict(zip(head, grads[1:])) | tail_grads
         return grads[0], [by_name.get(k) for k in theta]
+
+    def vjp_with_value(self, x: Tensor, theta: Theta, cotangent: Tensor) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+        """f(x, θ) and the VJPs of :meth:`vjp`, from one evaluation by autograd (for methods that need f too)."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+            out = self(x, leaves)
+            grads = torch.autograd.grad(out, [x, *leaves.values()], cotangent, allow_unused=True)
+        return out.detach(), grads[0], list(grads[1:])
 
     def _vjp_split(self):
         """None, or (names of the weights before the last linear layer, that layer's VJP): the VJP is a

@@ -122,16 +122,6 @@ class _Steps:
                 g.index_add_(0, rows, w.reshape(-1, *[1] * tg.dim()) * tg.unsqueeze(0), alpha=scale)
 
 
-def _vjp_with_value(field: Field, x: Tensor, theta: Theta, cotangent: Tensor):
-    """f(x, θ) and its VJPs with ``cotangent``, from one evaluation."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-        out = field(x, leaves)
-        grads = torch.autograd.grad(out, [x, *leaves.values()], cotangent, allow_unused=True)
-    return out.detach(), grads[0], list(grads[1:])
-
-
 def _stage_adjoint(field: Field, steps: _Steps, x: Tensor, thetas: list[Theta], g: Tensor,
                    grads: list[Tensor], n: int) -> Tensor:
     """Reverse-mode through one explicit RK step from its input x, one stage graph at a time.
@@ -223,7 +213,7 @@ class _SolveFunction(torch.autograd.Function):
                         f_later = field(x, thetas[0])
                         x = field.project(x - steps.h * f_later)
                 g = field.project_vjp(x_out, g)
-                fx, x_grad, theta_grads = _vjp_with_value(field, x, thetas[0], g)  # VJPs with ḡ, then × h
+                fx, x_grad, theta_grads = field.vjp_with_value(x, thetas[0], g)  # VJPs with ḡ, then × h
                 steps.accumulate(grads, n, 0, theta_grads, scale=steps.h)
                 # x̃_{n−1} = x̃_n − h f(x_{n−1}, θ_{n−1}), with f along the path extrapolated from its last two values
                 x_out = x
@@ -279,7 +269,7 @@ class _ReversibleFunction(torch.autograd.Function):
             theta = {name: v.detach() for name, v in steps.theta(knots, n, stage).items()}
             if k > 0:
                 f_bar.add_(x_bar, alpha=h / 2)
-            fz, z_grad, theta_grads = _vjp_with_value(field, z, theta, f_bar)
+            fz, z_grad, theta_grads = field.vjp_with_value(z, theta, f_bar)
             steps.accumulate(grads, n, stage, theta_grads)
             z_bar.add_(z_grad)
             del z_grad, theta_grads
