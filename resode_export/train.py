@@ -290,7 +290,9 @@ def train(
         header = _load_state(state_path(out), opt)
         history, start_epoch, elapsed = header["history"], header["epoch"], header["seconds"]
         run_log = header.get("log")  # absent from states written before it was recorded
-        if isinstance(run_log, str) and log is not None and Path(log).resolve() != Path(run_log):
+        if isinstance(run_log, str):  # relative to the state's folder when it lies there: the run can move
+            run_log = state_path(out).resolve().parent / run_log
+        if isinstance(run_log, Path) and log is not None and Path(log).resolve() != run_log and run_log.exists():
             raise ResodeError(f"resume with the run's own log, --log {run_log} (given {log}): another would split "
                               "its history")
         _check_resumable(options, header, checkpoint_epochs)
@@ -383,12 +385,21 @@ def train(
                     _save_state(state_path(out), opt, {
                         "epoch": epoch + 1, "history": history, "seconds": row["seconds"], "options": asdict(options),
                         "reconstruction_monitor": record["training"].get("reconstruction_monitor", []),
-                        "log": str(log.resolve()) if log is not None else None, "weights": model.state_dict()})
+                        "log": _log_record(log, state_path(out)), "weights": model.state_dict()})
                 if show_progress:
                     bar.console.print(f"epoch {epoch + 1}/{options.epochs}: loss {row['loss']:.4f}, "
                                       f"train {100 * row['train_accuracy']:.2f} %, test {100 * test_acc:.2f} %, "
                                       f"{row['seconds']:.0f} s")
     return model.cpu().eval(), _record(model, data, options, history, dev, world)
+
+
+def _log_record(log: Path | None, state: Path) -> str | None:
+    """The log's path as the training state records it: relative to the state's folder when the log lies
+    in it (the default, beside the checkpoint), so that a run folder moved elsewhere still resumes."""
+    if log is None:
+        return None
+    log, folder = log.resolve(), state.resolve().parent
+    return str(log.relative_to(folder)) if log.is_relative_to(folder) else str(log)
 
 
 def _log_epoch(line: str) -> float:

@@ -40,3 +40,65 @@ def test_adjoint_training_on_cuda_matches_cpu():
         losses[device] = record["metrics"]["train_loss"]
         assert record["training"]["device"].startswith("cpu") == (device == "cpu")
     assert abs(losses["cuda"] - losses["cpu"]) <= 1e-3 * abs(losses["cpu"])
+
+
+@pytest.mark.parametrize("case", range(len(__import__("tests.test_fields", fromlist=["VJP_CASES"]).VJP_CASES)))
+def test_field_vjp_matches_autograd_on_cuda(case):
+    """Field.vjp's tail (aten.convolution_backward / two matmuls, cuDNN and cuBLAS here) is autograd's
+    VJP on the GPU too, in float64."""
+    from .test_fields import VJP_CASES
+
+    field, x_shape = VJP_CASES[case]
+    gen = torch.Generator().manual_seed(3)
+    theta = {k: torch.randn(s, generator=gen, dtype=torch.float64).cuda() for k, s in field.param_shapes().items()}
+    x = torch.randn(x_shape, generator=gen, dtype=torch.float64).cuda()
+    v = torch.randn(x_shape, generator=gen, dtype=torch.float64).cuda()
+    leaves = {k: t.clone().requires_grad_(True) for k, t in theta.items()}
+    xl = x.clone().requires_grad_(True)
+    expected = torch.autograd.grad(field(xl, leaves), [xl, *leaves.values()], v)
+    x_bar, theta_bars = field.vjp(x, theta, v)
+    for got, want in zip([x_bar, *theta_bars], expected):
+        assert got.is_cuda and got.shape == want.shape
+        assert float((got - want).norm()) <= 1e-10 * float(want.norm())
+
+
+@pytest.mark.parametrize("method, scheme", [("symplectic", "heun"), ("checkpoint", "euler"),
+                                            ("reversible", "reversible_heun")])
+def test_conv_exact_methods_equal_backprop_on_cuda(method, scheme):
+    """The conv model (the GPU benchmark's field) through cuDNN: exact methods are backprop, float64."""
+    from .helpers import conv_config
+
+    model = ODENet(conv_config(scheme=scheme), init="iid", seed=2)
+    model = smooth_knots_(model.double(), scale=0.5).cuda()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64, device="cuda")
+    grads = {}
+    for grad in ("backprop", method):
+        m = model.discretize(grad=grad)
+        m.zero_grad()
+        (m(x) ** 2).sum().backward()
+        grads[grad] = torch.cat([p.grad.flatten() for p in m.parameters()])
+    assert float((grads[method] - grads["backprop"]).norm() / grads["backprop"].norm()) <= 1e-10
+
+
+@pytest.mark.parametrize("method", ["adjoint", "symplectic"])
+def test_conv_adjoints_under_cuda_autocast(method):
+    """Backward inside CUDA autocast (bfloat16): the tail VJP runs in autocast's dtype and the gradients
+    come back in float32, close to the same method's without autocast."""
+    from resode_export.curves import Curve
+    from resode_export.fields import ConvField
+    from resode_export.gradients import integrate
+
+    field = ConvField(8, 4)
+    gen = torch.Generator().manual_seed(7)
+    knots = {k: 0.3 * torch.randn(4, *s, generator=gen).cuda() for k, s in field.param_shapes().items()}
+    x0 = torch.randn(4, 8, 6, 6, generator=gen).cuda()
+    grads = {}
+    for autocast in (False, True):
+        curve = Curve({k: v.clone() for k, v in knots.items()}, "linear").cuda()
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            integrate(field, x, curve, "euler", 4, method).float().square().sum().backward()
+        grads[autocast] = [x.grad, *(p.grad for p in curve.parameters())]
+        assert all(g.dtype == torch.float32 and g.is_cuda for g in grads[autocast])
+    for a, b in zip(grads[False], grads[True]):
+        assert float((a - b).norm()) <= 0.05 * float(a.norm())

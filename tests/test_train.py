@@ -275,3 +275,29 @@ def test_mlp_takes_images_flattened(capsys, tmp_path):
         assert code == 0, err  # each export verified itself against PyTorch on the image inputs
     code, _, err = run_cli(capsys, "export", out, "--format", "torchscript", "--out", tmp_path / "m.pt", "--json")
     assert code == 0, err
+
+
+def test_cli_resumes_a_run_folder_moved_elsewhere(capsys, tmp_path, monkeypatch):
+    """The training state records its default log relative to its folder: a run copied to another machine
+    or folder resumes there, with its log, and still refuses a second log."""
+    args = ["train", "--depth", "2", "--width", "4", "--hidden", "4", "--epochs", "2"]
+    save_state = train_module._save_state
+
+    def interrupted(path, optimizer, meta):
+        save_state(path, optimizer, meta)
+        if meta["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    (tmp_path / "a").mkdir()
+    monkeypatch.setattr(train_module, "_save_state", interrupted)
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "a" / "run.safetensors")
+    assert code == 130, err
+    monkeypatch.setattr(train_module, "_save_state", save_state)
+    (tmp_path / "a").rename(tmp_path / "b")
+    out = tmp_path / "b" / "run.safetensors"
+    code, _, err = run_cli(capsys, *args, "--resume", "--out", out, "--log", tmp_path / "other.jsonl")
+    assert code == 2 and "would split its history" in err and str(tmp_path / "b" / "run.log.jsonl") in err, err
+    code, _, err = run_cli(capsys, *args, "--resume", "--out", out)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "b" / "run.log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
