@@ -11,8 +11,9 @@ same field and weights) where torchdiffeq is installed. Every row also gives the
 their gradients, which every method has and which grow with depth in any ResNet (one knot per
 step); that is the figure that must stay flat. ``step_peak_bytes`` = peak − bytes allocated before
 the step: the step's own working memory. Each row is measured alone (the previous row's model freed).
-Before the first row, one matrix product: cuBLAS allocates its workspace through PyTorch's allocator
-on first use and keeps it for the process (64 MiB on an H100), so it is counted in every row rather
+Before the first row, one matrix product forward and backward: cuBLAS allocates a workspace through
+PyTorch's allocator for each thread's handle on first use (the caller's and autograd's backward
+thread: 32 MiB each on an H100) and keeps it for the process, so it is counted in every row rather
 than only from the first row whose method multiplies matrices (``cublas_workspace_bytes``). ``--device cpu`` with small sizes is a
 smoke test of the script itself (memory is then not measured).
 """
@@ -106,9 +107,11 @@ def main() -> None:
     field = ConvField(args.channels, groups=8, activation="relu")
     rows = []
     workspace = None
-    if device.type == "cuda":  # cuBLAS's workspace, allocated on first use and kept: in every row, not some
+    if device.type == "cuda":  # cuBLAS's workspaces, allocated on first use and kept: in every row, not some
         before = torch.cuda.memory_allocated(device)
-        torch.ones(8, 8, device=device) @ torch.ones(8, 8, device=device)
+        a = torch.ones(8, 8, device=device, requires_grad=True)
+        (a @ a).sum().backward()  # one handle (and workspace) for this thread, one for autograd's backward thread
+        del a
         _sync(device)
         workspace = torch.cuda.memory_allocated(device) - before
     for depth in (int(d) for d in args.depths.split(",")):
