@@ -51,7 +51,6 @@ from .schemes import (
     ReversibleHeun,
     check_field_scheme,
     get_scheme,
-    reversible_heun_step,
     rk_step,
     solve,
     stage_grid,
@@ -217,8 +216,9 @@ class _SolveFunction(torch.autograd.Function):
                 steps.accumulate(grads, n, 0, theta_grads, scale=steps.h)
                 # x̃_{n−1} = x̃_n − h f(x_{n−1}, θ_{n−1}), with f along the path extrapolated from its last two values
                 x_out = x
-                x, g, f_later = (field.project(x - steps.h * (2 * fx - f_later)), torch.add(g, x_grad, alpha=steps.h),
-                                 fx)
+                with torch.no_grad():  # x − h(2f − f_later) in two kernels
+                    x = field.project(torch.sub(x, fx, alpha=2 * steps.h).add_(f_later, alpha=steps.h))
+                g, f_later = torch.add(g, x_grad, alpha=steps.h), fx
                 continue
             # P's VJP first, so that x_{n+1} is released before the step's VJP: one state less at the peak
             if ctx.method == "adjoint":
@@ -242,14 +242,24 @@ class _ReversibleFunction(torch.autograd.Function):
     Walking the evaluation points k = M..0 with adjoints (x̄, ẑ̄, F̄): F̄ += (h/2)x̄ (the x-update
     that uses F_k), one VJP at ẑ_k gives ẑ̄ += JᵀF̄ and the θ(t_k) gradient; then step k−1 gives
     F̄ ← (h/2)x̄ + hẑ̄, x̄ ← x̄ + 2ẑ̄, ẑ̄ ← −ẑ̄; finally x̄_0 = x̄ + ẑ̄ (ẑ_0 = x_0).
+
+    F̄ is never held: at the VJP of point k it is c_k x̄ (c = h/2 at k = M and k = 0, h between),
+    since (h/2)x̄ + hẑ̄ + (h/2)(x̄ + 2ẑ̄) = h(x̄ + 2ẑ̄). So the VJP takes x̄ and its results are
+    scaled by c_k; ẑ̄ is kept unflipped with its sign apart. The same c_k steps the reconstruction:
+    x_k − (h/2)F_k = x_{k+1} − (h/2)F_{k+1} − c_k F_k, and ẑ_{k−1} = 2(x_k − (h/2)F_k) − ẑ_k.
     """
 
     @staticmethod
     def forward(ctx, field: Field, steps: _Steps, x: Tensor, *knots: Tensor) -> Tensor:
-        with torch.no_grad():
+        h = steps.h
+        with torch.no_grad():  # reversible_heun_step fused (four activation-sized kernels, not seven)
             z, fz = x, field(x, steps.theta(list(knots), 0, 0))
             for n in range(steps.depth):
-                x, z, fz = reversible_heun_step(field, x, z, fz, steps.theta(list(knots), n, 1), steps.h)
+                z = torch.lerp(z, x, 2.0).add_(fz, alpha=h)  # ẑ_{n+1} = 2x_n − ẑ_n + hF_n
+                f_next = field(z, steps.theta(list(knots), n, 1))
+                x = torch.add(x, fz, alpha=h / 2).add_(f_next, alpha=h / 2)
+                fz = f_next
+            del fz, f_next
         ctx.field, ctx.steps = field, steps
         ctx.save_for_backward(x, z, *knots)
         return x
@@ -259,31 +269,27 @@ class _ReversibleFunction(torch.autograd.Function):
         x, z, *knots = ctx.saved_tensors
         field, steps, h = ctx.field, ctx.steps, ctx.steps.h
         grads = [torch.zeros_like(k) for k in knots]
-        # The adjoints are updated in place (x̄ starts as a copy of the engine's gradient), and step k+1 is
-        # remembered only as x_{k+1} − (h/2)F_{k+1}, all that x_k = x_{k+1} − (h/2)(F_k + F_{k+1}) needs:
-        # fewer states held through each VJP.
-        x_bar, z_bar, f_bar = g.clone(), torch.zeros_like(g), torch.zeros_like(g)
-        x_half = x  # at k = M, x_M itself
+        # Out of place where a tensor may be held elsewhere (the saved x_M and ẑ_M, the engine's g, a
+        # cotangent a create_graph VJP keeps); in place only on ẑ̄, which nothing else reads later.
+        x_bar, z_bar, sign = g, None, 1.0
+        x_half = x  # x_k − (h/2)F_k as it goes, x_M itself at the start
         for k in reversed(range(steps.depth + 1)):
             n, stage = (k - 1, 1) if k > 0 else (0, 0)  # point k is stage 1 of step k−1 (or stage 0 of step 0)
+            c = h / 2 if k in (0, steps.depth) else h
             theta = {name: v.detach() for name, v in steps.theta(knots, n, stage).items()}
-            if k > 0:
-                f_bar.add_(x_bar, alpha=h / 2)
-            fz, z_grad, theta_grads = field.vjp_with_value(z, theta, f_bar)
-            steps.accumulate(grads, n, stage, theta_grads)
-            z_bar.add_(z_grad)
+            fz, z_grad, theta_grads = field.vjp_with_value(z, theta, x_bar)  # F̄ = c x̄: scaled below
+            steps.accumulate(grads, n, stage, theta_grads, scale=c)
+            z_bar = z_grad * (sign * c) if z_bar is None else z_bar.add_(z_grad, alpha=sign * c)
             del z_grad, theta_grads
             if k == 0:
                 break
-            f_bar = torch.add(x_bar, z_bar, alpha=2).mul_(h / 2)  # F̄ ← (h/2)x̄ + hẑ̄ (no out=: create_graph)
-            x_bar.add_(z_bar, alpha=2)
-            z_bar.neg_()
+            x_bar = torch.add(x_bar, z_bar, alpha=2 * sign)  # x̄ ← x̄ + 2ẑ̄
+            sign = -sign  # ẑ̄ ← −ẑ̄
             with torch.no_grad():
-                x_k = x_half if k == steps.depth else x_half - (h / 2) * fz
-                z = 2 * x_k - z - h * fz  # ẑ_{k−1}
-                x_half = x_k - (h / 2) * fz
-            del x_k, fz
-        return (None, None, x_bar + z_bar, *grads)
+                x_half = torch.sub(x_half, fz, alpha=c)
+                z = torch.lerp(z, x_half, 2.0)  # ẑ_{k−1} = 2 x_half − ẑ_k
+            del fz
+        return (None, None, torch.add(x_bar, z_bar, alpha=sign), *grads)
 
 
 def _backprop(field, x, curve, scheme, depth):
