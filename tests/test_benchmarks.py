@@ -80,8 +80,9 @@ def test_kernel_counts_per_step():
     """benchmarks/kernels.py: per step, backprop runs 2 conv forwards and 2 backwards; the adjoint adds the
     reconstruction's full field and the VJP's replay up to the last conv (Field.vjp: 3 more forwards, no
     more backwards); the reversible backward keeps to the few activation-sized kernels its algebra needs."""
-    rows = {r["method"]: r for r in _run("kernels.py", "--methods", "backprop,adjoint,symplectic,reversible")["rows"]}
+    rows = {r["method"]: r for r in _run("kernels.py", "--methods", "backprop,adjoint,adjoint_fast,symplectic,reversible")["rows"]}
     assert (rows["backprop"]["conv_forward"], rows["backprop"]["conv_backward"]) == (2, 2)
     assert (rows["adjoint"]["conv_forward"], rows["adjoint"]["conv_backward"], rows["adjoint"]["conv_passes"]) == (5, 2, 9)
     assert rows["symplectic"]["conv_passes"] == 7 and rows["symplectic"]["elementwise"] == rows["backprop"]["elementwise"]
     assert rows["reversible"]["elementwise"] <= 11, rows["reversible"]
+    assert rows["adjoint_fast"]["conv_passes"] == 8 and rows["adjoint_fast"]["elementwise"] <= 8, rows["adjoint_fast"]

@@ -277,10 +277,7 @@ def test_mlp_takes_images_flattened(capsys, tmp_path):
     assert code == 0, err
 
 
-def test_cli_resumes_a_run_folder_moved_elsewhere(capsys, tmp_path, monkeypatch):
-    """The training state records its default log relative to its folder: a run copied to another machine
-    or folder resumes there, with its log, and still refuses a second log."""
-    args = ["train", "--depth", "2", "--width", "4", "--hidden", "4", "--epochs", "2"]
+def _interrupted_after_epoch_1(monkeypatch):
     save_state = train_module._save_state
 
     def interrupted(path, optimizer, meta):
@@ -288,16 +285,58 @@ def test_cli_resumes_a_run_folder_moved_elsewhere(capsys, tmp_path, monkeypatch)
         if meta["epoch"] == 1:
             raise KeyboardInterrupt
 
-    (tmp_path / "a").mkdir()
     monkeypatch.setattr(train_module, "_save_state", interrupted)
+    return lambda: monkeypatch.setattr(train_module, "_save_state", save_state)
+
+
+@pytest.mark.parametrize("record", ["relative", "absolute"])
+def test_cli_resumes_a_run_folder_moved_elsewhere(capsys, tmp_path, monkeypatch, record):
+    """The training state records its default log relative to its folder: a run copied to another machine
+    or folder resumes there, with its log, and still refuses a second log. A state from before (an
+    absolute path, now gone) finds the moved log by its content."""
+    args = ["train", "--depth", "2", "--width", "4", "--hidden", "4", "--epochs", "2"]
+    if record == "absolute":
+        monkeypatch.setattr(train_module, "_log_record", lambda log, state: str(log.resolve()))
+    restore = _interrupted_after_epoch_1(monkeypatch)
+    (tmp_path / "a").mkdir()
     code, _, err = run_cli(capsys, *args, "--out", tmp_path / "a" / "run.safetensors")
     assert code == 130, err
-    monkeypatch.setattr(train_module, "_save_state", save_state)
+    restore()
     (tmp_path / "a").rename(tmp_path / "b")
     out = tmp_path / "b" / "run.safetensors"
-    code, _, err = run_cli(capsys, *args, "--resume", "--out", out, "--log", tmp_path / "other.jsonl")
-    assert code == 2 and "would split its history" in err and str(tmp_path / "b" / "run.log.jsonl") in err, err
+    if record == "relative":
+        code, _, err = run_cli(capsys, *args, "--resume", "--out", out, "--log", tmp_path / "other.jsonl")
+        assert code == 2 and "would split its history" in err and str(tmp_path / "b" / "run.log.jsonl") in err, err
     code, _, err = run_cli(capsys, *args, "--resume", "--out", out)
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "b" / "run.log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_resume_never_writes_into_another_log_and_never_splits_history(capsys, tmp_path, monkeypatch):
+    """Without its own log (lost, or recorded as an absolute path by an older version and since moved), a
+    resumed run takes a new log, written from its training state's history first, or its own log found
+    by content; never a file holding other lines, which would be mixed with or cut to this run's."""
+    args = ["train", "--depth", "2", "--width", "4", "--hidden", "4", "--epochs", "3"]
+    monkeypatch.setattr(train_module, "_log_record", lambda log, state: str(log.resolve()))  # the older record
+    restore = _interrupted_after_epoch_1(monkeypatch)
+    (tmp_path / "a").mkdir()
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "a" / "run.safetensors")
+    assert code == 130, err
+    restore()
+    (tmp_path / "a").rename(tmp_path / "b")  # the recorded absolute log is gone; its copy moved along
+    out, own = tmp_path / "b" / "run.safetensors", tmp_path / "b" / "run.log.jsonl"
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"epoch": 1, "note": "another run"}\nfree text\n')
+    code, _, err = run_cli(capsys, *args, "--resume", "--out", out, "--log", other)
+    assert code == 2 and "is not this run's log" in err and len(err.strip().splitlines()) == 1, err
+    assert other.read_text() == '{"epoch": 1, "note": "another run"}\nfree text\n'
+    other.write_text(own.read_text() + '{"epoch": 2}\n{"epoch": 3}\n')  # another continuation of this run
+    code, _, err = run_cli(capsys, *args, "--resume", "--out", out, "--log", other)
+    assert code == 2 and "another continuation" in err, err
+    first = own.read_text()
+    own.unlink()
+    code, _, err = run_cli(capsys, *args, "--resume", "--out", out, "--log", tmp_path / "new.jsonl")
+    assert code == 0, err
+    lines = (tmp_path / "new.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3] and lines[0] + "\n" == first
