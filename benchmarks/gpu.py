@@ -12,7 +12,8 @@ their gradients, which every method has and which grow with depth in any ResNet 
 step); that is the figure that must stay flat. ``step_peak_bytes`` = peak − bytes allocated before
 the step, read while the previous step's gradients are still held (the step frees them first): the
 step's own working memory for methods that allocate the gradients before their peak (the adjoints,
-reversible); for backprop it understates by at most the weights' bytes. Each row is measured alone (the previous row's model freed).
+reversible); for backprop it understates by at most the weights' bytes. Each row is measured alone
+(the previous row's model freed).
 Before the first row, one matrix product forward and backward: cuBLAS allocates a workspace through
 PyTorch's allocator for each thread's handle on first use (the caller's and autograd's backward
 thread: 32 MiB each on an H100) and keeps it for the process, so it is counted in every row rather

@@ -80,7 +80,8 @@ def test_kernel_counts_per_step():
     """benchmarks/kernels.py: per step, backprop runs 2 conv forwards and 2 backwards; the adjoint adds the
     reconstruction's full field and the VJP's replay up to the last conv (Field.vjp: 3 more forwards, no
     more backwards); the reversible backward keeps to the few activation-sized kernels its algebra needs."""
-    rows = {r["method"]: r for r in _run("kernels.py", "--methods", "backprop,adjoint,adjoint_fast,symplectic,reversible")["rows"]}
+    methods = "backprop,adjoint,adjoint_fast,symplectic,reversible"
+    rows = {r["method"]: r for r in _run("kernels.py", "--methods", methods)["rows"]}
     assert (rows["backprop"]["conv_forward"], rows["backprop"]["conv_backward"]) == (2, 2)
     assert (rows["adjoint"]["conv_forward"], rows["adjoint"]["conv_backward"], rows["adjoint"]["conv_passes"]) == (5, 2, 9)
     assert rows["symplectic"]["conv_passes"] == 7 and rows["symplectic"]["elementwise"] == rows["backprop"]["elementwise"]
