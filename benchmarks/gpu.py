@@ -17,8 +17,8 @@ reversible); for backprop it understates by at most the weights' bytes. Each row
 Before the first row, one matrix product forward and backward: cuBLAS allocates a workspace through
 PyTorch's allocator for each thread's handle on first use (the caller's and autograd's backward
 thread: 32 MiB each on an H100) and keeps it for the process, so it is counted in every row rather
-than only from the first row whose method multiplies matrices (``cublas_workspace_bytes``). ``--device cpu`` with small sizes is a
-smoke test of the script itself (memory is then not measured).
+than only from the first row whose method multiplies matrices (``cublas_workspace_bytes``).
+``--device cpu`` with small sizes is a smoke test of the script itself (memory is then not measured).
 """
 
 from __future__ import annotations
