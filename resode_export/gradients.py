@@ -41,6 +41,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .curves import Curve, sparse_weights
@@ -198,6 +199,7 @@ class _SolveFunction(torch.autograd.Function):
         return x
 
     @staticmethod
+    @once_differentiable  # the VJPs are taken at reconstructed states: a second derivative would be wrong
     def backward(ctx, g: Tensor):
         saved = ctx.saved_tensors
         y, states, knots = saved[0], saved[1 : 1 + ctx.num_states], list(saved[1 + ctx.num_states :])
@@ -265,12 +267,13 @@ class _ReversibleFunction(torch.autograd.Function):
         return x
 
     @staticmethod
+    @once_differentiable  # as _SolveFunction: first derivatives only (a second one raises, never a wrong value)
     def backward(ctx, g: Tensor):
         x, z, *knots = ctx.saved_tensors
         field, steps, h = ctx.field, ctx.steps, ctx.steps.h
         grads = [torch.zeros_like(k) for k in knots]
-        # Out of place where a tensor may be held elsewhere (the saved x_M and ẑ_M, the engine's g, a
-        # cotangent a create_graph VJP keeps); in place only on ẑ̄, which nothing else reads later.
+        # Out of place where a tensor may be held elsewhere (the saved x_M and ẑ_M, the engine's g); in
+        # place only on ẑ̄, which nothing else reads later.
         x_bar, z_bar, sign = g, None, 1.0
         x_half = x  # x_k − (h/2)F_k as it goes, x_M itself at the start
         for k in reversed(range(steps.depth + 1)):

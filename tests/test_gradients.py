@@ -99,6 +99,34 @@ def test_reversible_gradients_under_create_graph():
     assert float(diff.norm()) <= 1e-12 * float(ref.norm())
 
 
+@pytest.mark.parametrize("method, scheme", [("adjoint", "heun"), ("symplectic", "rk4"), ("adjoint_fast", "euler"),
+                                            ("auto", "euler"), ("reversible", "reversible_heun")])
+def test_second_derivatives_raise_rather_than_mislead(method, scheme):
+    """The memory-free methods take their VJPs at reconstructed (or stored, detached) states, so a second
+    derivative through them (a gradient penalty) would silently miss terms: it raises instead, while
+    the first derivative under create_graph stays exact. Backprop and checkpoint give second derivatives."""
+    field = MLPField(3, 4, "tanh")
+    gen = torch.Generator().manual_seed(2)
+    knots = {k: 0.5 * torch.randn(3, *s, generator=gen, dtype=torch.float64) for k, s in field.param_shapes().items()}
+    x = torch.randn(2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    penalties = {}
+    exact = ["backprop"] + (["checkpoint"] if scheme != "reversible_heun" else [])  # checkpoint: no reversible
+    for grad in (*exact, method):
+        curve = Curve({k: v.clone() for k, v in knots.items()}, "linear")
+        block = ODEBlock(field, curve, 4, scheme, grad) if grad == "auto" else None
+        y = block(x) if block is not None else integrate(field, x, curve, scheme, 4, grad)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        penalties[grad] = gx
+        if grad == method:
+            with pytest.raises(RuntimeError, match="differentiate twice"):
+                gx.square().sum().backward()
+        else:
+            (second,) = torch.autograd.grad(gx.square().sum(), x)
+            penalties[grad + "'"] = second
+    for grad in exact[1:]:
+        assert torch.allclose(penalties[grad + "'"], penalties["backprop'"], rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("method", ["adjoint", "symplectic"])
 def test_conv_adjoints_run_under_autocast(method):
     """Backward inside torch.autocast: the conv tail VJP runs in autocast's dtype, as F.conv2d would, and
