@@ -133,14 +133,13 @@ def _stage_adjoint(field: Field, steps: _Steps, x: Tensor, thetas: list[Theta], 
     tab, h = steps.tableau, steps.h
     s = tab.stages
     stage_inputs, ks = [], []
-    with torch.no_grad():
-        for i in range(s):
-            xi = x
-            for j in range(i):
-                if tab.a[i][j]:
-                    xi = xi + (h * tab.a[i][j]) * ks[j]
-            stage_inputs.append(xi)
-            ks.append(field(xi, thetas[i]) if i < s - 1 else None)  # the last stage's k is never reused
+    for i in range(s):  # (inside the once-differentiable backward: no graph is recorded)
+        xi = x
+        for j in range(i):
+            if tab.a[i][j]:
+                xi = xi + (h * tab.a[i][j]) * ks[j]
+        stage_inputs.append(xi)
+        ks.append(field(xi, thetas[i]) if i < s - 1 else None)  # the last stage's k is never reused
     # With k̄_i = h u_i and X̄_i = h Y_i: u_i = b_i ḡ + h Σ_{l>i} a_li Y_l and Y_i = (∂f/∂x)ᵀ u_i. Factoring
     # h out makes Euler's u the cotangent ḡ itself: no scaled copy of it is held through the VJP.
     x_bar = g
@@ -199,7 +198,8 @@ class _SolveFunction(torch.autograd.Function):
         return x
 
     @staticmethod
-    @once_differentiable  # the VJPs are taken at reconstructed states: a second derivative would be wrong
+    @once_differentiable  # the VJPs are taken at reconstructed states: a second derivative would be wrong.
+    # It also runs the backward under no_grad: only Field.vjp's own enable_grad builds a graph.
     def backward(ctx, g: Tensor):
         saved = ctx.saved_tensors
         y, states, knots = saved[0], saved[1 : 1 + ctx.num_states], list(saved[1 + ctx.num_states :])
@@ -210,23 +210,20 @@ class _SolveFunction(torch.autograd.Function):
             thetas = [{k: v.detach() for k, v in t.items()} for t in steps.thetas(knots, n)]
             if ctx.method == "adjoint_fast":  # here x is already step n's input x̃_n, x_out its output
                 if n == steps.depth - 1:  # x̃_{M−1} as the plain adjoint has it
-                    with torch.no_grad():
-                        f_later = field(x, thetas[0])
-                        x = field.project(x - steps.h * f_later)
+                    f_later = field(x, thetas[0])
+                    x = field.project(x - steps.h * f_later)
                 g = field.project_vjp(x_out, g)
                 fx, x_grad, theta_grads = field.vjp_with_value(x, thetas[0], g)  # VJPs with ḡ, then × h
                 steps.accumulate(grads, n, 0, theta_grads, scale=steps.h)
                 # x̃_{n−1} = x̃_n − h f(x_{n−1}, θ_{n−1}), with f along the path extrapolated from its last two values
                 x_out = x
-                with torch.no_grad():  # x − h(2f − f_later) in two kernels
-                    x = field.project(torch.sub(x, fx, alpha=2 * steps.h).add_(f_later, alpha=steps.h))
+                x = field.project(torch.sub(x, fx, alpha=2 * steps.h).add_(f_later, alpha=steps.h))  # two kernels
                 g, f_later = torch.add(g, x_grad, alpha=steps.h), fx
                 continue
             # P's VJP first, so that x_{n+1} is released before the step's VJP: one state less at the peak
             if ctx.method == "adjoint":
                 g = field.project_vjp(x, g)
-                with torch.no_grad():
-                    x = _reverse_step(field, x, thetas, steps.tableau, steps.h)
+                x = _reverse_step(field, x, thetas, steps.tableau, steps.h)
             else:
                 g = field.project_vjp(states[n + 1] if n + 1 < steps.depth else y, g)
                 x = states[n]
@@ -288,9 +285,8 @@ class _ReversibleFunction(torch.autograd.Function):
                 break
             x_bar = torch.add(x_bar, z_bar, alpha=2 * sign)  # x̄ ← x̄ + 2ẑ̄
             sign = -sign  # ẑ̄ ← −ẑ̄
-            with torch.no_grad():
-                x_half = torch.sub(x_half, fz, alpha=c)
-                z = torch.lerp(z, x_half, 2.0)  # ẑ_{k−1} = 2 x_half − ẑ_k
+            x_half = torch.sub(x_half, fz, alpha=c)
+            z = torch.lerp(z, x_half, 2.0)  # ẑ_{k−1} = 2 x_half − ẑ_k
             del fz
         return (None, None, torch.add(x_bar, z_bar, alpha=sign), *grads)
 
