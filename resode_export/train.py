@@ -292,8 +292,8 @@ def train(
         run_log = header.get("log")  # absent from states written before it was recorded
         if isinstance(run_log, str):  # relative to the state's folder when it lies there: the run can move
             run_log = state_path(out).resolve().parent / run_log
-        if log is not None:
-            _check_resume_log(Path(log), run_log if isinstance(run_log, Path) else None, header)
+        if log is not None:  # what the resumed run's log keeps, checked to be this run's (written below)
+            log_lines = _resume_log_lines(Path(log), run_log if isinstance(run_log, Path) else None, header)
         _check_resumable(options, header, checkpoint_epochs)
         try:
             if header["weights"]:  # the state's own epoch (the checkpoint may be one ahead)
@@ -312,10 +312,8 @@ def train(
     total = options.epochs * steps_per_epoch
     writer = rank == 0
     log = Path(log) if log is not None else None
-    if resume and log is not None and writer:  # drop lines of an epoch that did not finish; a new log gets the history
-        kept = ([line for line in log.read_text().splitlines() if _log_epoch(line) <= start_epoch] if log.is_file()
-                else [json.dumps(row) for row in history])
-        atomic_write(log, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+    if resume and log is not None and writer:
+        atomic_write(log, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in log_lines)))
     allowed_skips = max(1, int(MAX_SKIPPED_FRACTION * steps_per_epoch))
     start = time.perf_counter() - elapsed
     with progress_bar(disable=not (show_progress and writer)) as bar:
@@ -393,26 +391,30 @@ def train(
     return model.cpu().eval(), _record(model, data, options, history, dev, world)
 
 
-def _check_resume_log(log: Path, run_log: Path | None, state: dict) -> None:
-    """The log a resumed run writes to must be its own: the one its training state records while that
-    exists, and in any case one whose finished epochs are the state's history (a log that is missing
-    is written from that history, so the run's history is never split or mixed with another's)."""
+def _resume_log_lines(log: Path, run_log: Path | None, state: dict) -> list[str]:
+    """The lines a resumed run's log keeps: its finished epochs (a line of an epoch that did not finish
+    goes). The log must be the run's own: the one its training state records while that exists, and in
+    any case one whose finished epochs are the state's history; a log that is missing starts from that
+    history. So the run's history is never split or mixed with another's."""
     if run_log is not None and log.resolve() != run_log and run_log.exists():
         raise ResodeError(f"resume with the run's own log, --log {run_log} (given {log}): another would split "
                           "its history")
+    history = state["history"]
     if not log.is_file():
-        return
-    done, rows = state["epoch"], []
+        return [json.dumps(row) for row in history]
+    done, kept = state["epoch"], []
     for line in log.read_text().splitlines():
         epoch = _log_epoch(line)
         if math.isfinite(epoch) and epoch > done + 1:  # (done + 1: written just before the run was stopped)
             raise ResodeError(f"{str(log)!r} records epoch {epoch:g}, past the {done} epochs of this run's training "
                               "state: it is the log of another continuation of the run; give a new --log")
         if epoch <= done:
-            rows.append(json.dumps(json.loads(line), sort_keys=True))
-    if rows != [json.dumps(row, sort_keys=True) for row in state["history"]]:
+            kept.append(line)
+    canonical = lambda rows: [json.dumps(row, sort_keys=True) for row in rows]  # noqa: E731
+    if canonical(json.loads(line) for line in kept) != canonical(history):
         raise ResodeError(f"{str(log)!r} is not this run's log (its epochs differ from the training state's history); "
                           "give a new --log, which starts with the run's history")
+    return kept
 
 
 def _log_record(log: Path | None, state: Path) -> str | None:
