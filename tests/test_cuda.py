@@ -8,6 +8,7 @@ from resode_export.network import ODENet
 from resode_export.train import TrainOptions, train
 
 from .helpers import conv_config, mlp_config, smooth_knots_
+from .test_fields import VJP_CASES, assert_vjp_matches_autograd
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -48,24 +49,11 @@ def test_adjoint_training_on_cuda_matches_cpu():
     assert abs(losses["cuda"] - losses["cpu"]) <= 1e-3 * abs(losses["cpu"])
 
 
-@pytest.mark.parametrize("case", range(len(__import__("tests.test_fields", fromlist=["VJP_CASES"]).VJP_CASES)))
-def test_field_vjp_matches_autograd_on_cuda(case):
+@pytest.mark.parametrize("field, x_shape", VJP_CASES, ids=lambda c: getattr(c, "name", ""))
+def test_field_vjp_matches_autograd_on_cuda(field, x_shape):
     """Field.vjp's tail (aten.convolution_backward / two matmuls, cuDNN and cuBLAS here) is autograd's
     VJP on the GPU too, in float64."""
-    from .test_fields import VJP_CASES
-
-    field, x_shape = VJP_CASES[case]
-    gen = torch.Generator().manual_seed(3)
-    theta = {k: torch.randn(s, generator=gen, dtype=torch.float64).cuda() for k, s in field.param_shapes().items()}
-    x = torch.randn(x_shape, generator=gen, dtype=torch.float64).cuda()
-    v = torch.randn(x_shape, generator=gen, dtype=torch.float64).cuda()
-    leaves = {k: t.clone().requires_grad_(True) for k, t in theta.items()}
-    xl = x.clone().requires_grad_(True)
-    expected = torch.autograd.grad(field(xl, leaves), [xl, *leaves.values()], v)
-    x_bar, theta_bars = field.vjp(x, theta, v)
-    for got, want in zip([x_bar, *theta_bars], expected):
-        assert got.is_cuda and got.shape == want.shape
-        assert float((got - want).norm()) <= 1e-10 * float(want.norm())
+    assert_vjp_matches_autograd(field, x_shape, device="cuda", rel=1e-10)
 
 
 @pytest.mark.parametrize("method", ["adjoint", "symplectic"])

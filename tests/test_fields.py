@@ -58,17 +58,16 @@ VJP_CASES = CASES + [(MLPField(5, 7, "tanh"), (2, 3, 5)), (MLPField(5, 7, "tanh"
                      (ResBlockField(6, 4, "basic", 1, "frozen"), (6, 4, 4))]
 
 
-@pytest.mark.parametrize("field, x_shape", VJP_CASES, ids=lambda c: getattr(c, "name", ""))
-def test_vjp_matches_autograd_without_the_last_layer_forward(field, x_shape):
-    """Field.vjp (which never runs the last linear layer forward) is autograd's VJP, in float64; a
-    zero BN scale (the frozen form's init) included, where w̄ = s G must not divide by s."""
+def assert_vjp_matches_autograd(field, x_shape, device="cpu", rel=1e-12):
+    """Field.vjp against autograd's VJP in float64 on ``device``, with theta's keys in reversed order and,
+    for the frozen BN form, half the last scale zero."""
     gen = torch.Generator().manual_seed(3)
-    theta = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in field.param_shapes().items()}
+    theta = {k: torch.randn(s, generator=gen, dtype=torch.float64).to(device) for k, s in field.param_shapes().items()}
     if getattr(field, "bn", None) == "frozen":
         last = len(field.convs())
         theta[f"s{last}"][::2] = 0.0
-    x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
-    v = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+    x = torch.randn(x_shape, generator=gen, dtype=torch.float64).to(device)
+    v = torch.randn(x_shape, generator=gen, dtype=torch.float64).to(device)
     theta = dict(reversed(theta.items()))  # gradients come back in theta's order, whatever it is
     leaves = {k: t.clone().requires_grad_(True) for k, t in theta.items()}
     xl = x.clone().requires_grad_(True)
@@ -76,8 +75,15 @@ def test_vjp_matches_autograd_without_the_last_layer_forward(field, x_shape):
     x_bar, theta_bars = field.vjp(x, theta, v)
     assert x_bar.shape == x.shape and len(theta_bars) == len(theta)
     for got, want in zip([x_bar, *theta_bars], expected):
-        assert got.shape == want.shape
-        assert float((got - want).norm()) <= 1e-12 * float(want.norm())
+        assert got.shape == want.shape and got.device == want.device
+        assert float((got - want).norm()) <= rel * float(want.norm())
+
+
+@pytest.mark.parametrize("field, x_shape", VJP_CASES, ids=lambda c: getattr(c, "name", ""))
+def test_vjp_matches_autograd_without_the_last_layer_forward(field, x_shape):
+    """Field.vjp (which never runs the last linear layer forward) is autograd's VJP, in float64; a
+    zero BN scale (the frozen form's init) included, where w̄ = s G must not divide by s."""
+    assert_vjp_matches_autograd(field, x_shape)
 
 
 def test_conv_vjp_runs_only_the_first_convolution_forward():
