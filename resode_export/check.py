@@ -4,12 +4,14 @@ For a resode model, every depth × scheme is exported to a static ONNX graph, ru
 split in onnxruntime (one thread, as a CPU server would pin it) and compared with the PyTorch
 model at that depth and scheme. For a dynamic-depth ``.onnx`` file, the same file is swept over
 the depths. The recommendation is the lowest-latency (batch 1) row whose accuracy is within
-``tolerance`` points of the source model's.
+``tolerance`` points of the source model's. :func:`search_stage_depths` searches a depth per stage
+instead (greedily, halving one stage at a time), for ``export --depth a,b,c``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import re
 import statistics
 import tempfile
@@ -20,11 +22,12 @@ import numpy as np
 import torch
 
 from .data import Dataset, check_samples
-from .errors import ResodeError, one_line
+from .errors import ResodeError, check_choice, one_line
 from .evaluate import accuracy, predict, relative_deviation
 from .export import onnx_session, run_onnx
 from .io import atomic_write
-from .network import ODENet
+from .network import ODENet, check_depth
+from .schemes import SCHEMES
 
 
 def latency_ms(session, sample: np.ndarray, depth: int | None, repeats: int, budget_s: float = 1.0) -> float:
@@ -155,6 +158,101 @@ def check_onnx(path: Path, data: Dataset, depths: list[int], tolerance: float, r
             "recommended": recommend(rows, source_accuracy, tolerance), "tolerance": tolerance}
 
 
+def _greedy(start: tuple[int, ...], evaluate, floor: float) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """Greedy per-stage halving from ``start``: (the path taken, every depth tuple tried, in order).
+
+    ``evaluate(depths)`` gives (accuracy, latency). Each round tries every stage with depth > 1 halved
+    (floor, at least 1), the others kept; of the candidates with accuracy >= ``floor`` it moves to the
+    one of lowest latency; it stops when none qualifies. Every tuple is evaluated once.
+    """
+    tried, path, current = [start], [start], start
+    evaluate(start)
+    while True:
+        candidates = [current[:i] + (max(1, d // 2),) + current[i + 1:] for i, d in enumerate(current) if d > 1]
+        for c in candidates:
+            if c not in tried:
+                tried.append(c)
+        scores = {c: evaluate(c) for c in candidates}
+        ok = [c for c in candidates if scores[c][0] >= floor]
+        if not ok:
+            return path, tried
+        current = min(ok, key=lambda c: (scores[c][1], sum(c), c))
+        path.append(current)
+
+
+def search_stage_depths(model: ODENet, data: Dataset, tolerance: float, scheme: str | None = None,
+                        start: tuple[int, ...] | None = None, repeats: int = 50, limit: int | None = None,
+                        progress=None) -> dict:
+    """The fastest depth per stage (onnxruntime, batch 1) within ``tolerance`` accuracy points of ``start``.
+
+    The reference is the model at ``start`` (default its native depths) with ``scheme`` (default its own),
+    run like every candidate: a static ONNX graph in onnxruntime, one thread, on ``data.x_test[:limit]``.
+    From ``start``, each round halves one stage (see :func:`_greedy`), keeping the candidate of lowest
+    batch-1 latency whose accuracy is at least the reference's minus ``tolerance`` / 100; the search stops
+    when no candidate qualifies, and recommends where it stopped (every step removes steps of the solve).
+    """
+    import onnx
+
+    from .export.onnx_graph import static_graph
+    from .resources import check_static_export
+
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+        raise ResodeError(f"the tolerance must be a finite number of accuracy points >= 0, got {tolerance!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ResodeError(f"repeats must be a positive integer (timed calls per latency), got {repeats!r}")
+    scheme = check_choice("scheme", scheme or model.config.scheme, SCHEMES)
+    stages = len(model.blocks)
+    native = tuple(model.config.depths)
+    if start is None:
+        start = native
+    else:
+        try:
+            start = tuple(start)
+        except TypeError:
+            raise ResodeError(f"start needs one depth per stage ({stages}), got {start!r}") from None
+        if len(start) != stages:
+            raise ResodeError(f"start has {len(start)} depths for a model with {stages} stages (native depths "
+                              f"{','.join(map(str, native))}); give one depth per stage")
+        for d in start:
+            check_depth(d)
+    x_t, y = data.x_test[:limit].float(), data.y_test[:limit]
+    if len(y) == 0:
+        raise ResodeError("no test samples to measure accuracy on; give data with a test split (and --limit >= 1)")
+    check_samples(x_t.shape[1:], model.config.in_shape)
+    check_static_export(model, start, scheme)  # the deepest graph of the search, refused before any work
+    model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its dtype, device and mode
+    x = x_t.numpy()
+    results: dict[tuple[int, ...], dict] = {}
+    task = progress.add_task("searching stage depths", total=None) if progress else None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        def evaluate(depths: tuple[int, ...]) -> tuple[float, float]:
+            if depths not in results:
+                target = model.discretize(depth=depths, scheme=scheme, grad="backprop")
+                path = Path(tmp) / f"{'-'.join(map(str, depths))}.onnx"
+                onnx.save_model(static_graph(target), str(path))
+                session = onnx_session(path)
+                results[depths] = {"depths": list(depths),
+                                   "accuracy": accuracy(torch.from_numpy(run_onnx(session, x)), y),
+                                   "latency_ms_b1": round(latency_ms(session, x[:1], None, repeats), 4)}
+                del session
+                path.unlink()
+                if progress:
+                    progress.advance(task)
+            return results[depths]["accuracy"], results[depths]["latency_ms_b1"]
+
+        reference = evaluate(start)[0]
+        path, tried = _greedy(start, evaluate, reference - tolerance / 100 - 1e-12)
+    if progress:
+        progress.update(task, total=len(results))
+    kept = set(path)
+    best, first = results[path[-1]], results[start]
+    speedup = first["latency_ms_b1"] / best["latency_ms_b1"] if best["latency_ms_b1"] > 0 else None
+    return {"scheme": scheme, "start_depths": list(start), "reference_accuracy": reference, "tolerance": tolerance,
+            "test_samples": len(y), "tried": [{**results[d], "kept": d in kept} for d in tried],
+            "recommended": {**best, "speedup": round(speedup, 4) if speedup is not None else None}}
+
+
 def plot(result: dict, path: str | Path, title: str) -> Path:
     """Accuracy and latency against depth, one line per scheme, written atomically as a PNG."""
     import matplotlib
@@ -189,4 +287,4 @@ def plot(result: dict, path: str | Path, title: str) -> Path:
     return out
 
 
-__all__ = ["check_model", "check_onnx", "plot", "recommend"]
+__all__ = ["check_model", "check_onnx", "plot", "recommend", "search_stage_depths"]

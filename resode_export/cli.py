@@ -64,6 +64,14 @@ BnOpt = Annotated[Optional[BnName], typer.Option(
     "--bn", help="Imports: BatchNorm folded into the convs, or kept frozen as scale and shift (trainable).  "
                  "[default: fold; frozen for train]", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+DepthsOpt = Annotated[Optional[str], typer.Option(
+    help="Depth-robust training: each batch is solved at a depth drawn from this comma list (steps in every stage, "
+         "or factors of the native depths such as 0.5x,1x,2x).", show_default=False)]
+SchemesOpt = Annotated[Optional[str], typer.Option(
+    help="Each batch is solved with a scheme drawn from this comma list (e.g. euler,heun).", show_default=False)]
+WarmupOpt = Annotated[float, typer.Option(help="Fraction of the steps over which the learning rate rises from 0.")]
+AugmentOpt = Annotated[bool, typer.Option(
+    "--augment", help="Images: shift each by up to 2 pixels and flip it left-right at random, per batch.")]
 
 
 def _version(value: bool):
@@ -206,12 +214,23 @@ def train(
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder with Fashion-MNIST's IDX files.")] = None,
     depth: Annotated[Optional[str], typer.Option(
         help="Steps of every ODE block, or a comma list per stage.  [default: 32, or the model's]")] = None,
-    width: Annotated[str, typer.Option(help="Width (mlp) or channels (conv) of each stage, comma list.")] = "32",
+    width: Annotated[Optional[str], typer.Option(
+        help="Width (mlp) or channels (conv) of each stage, comma list.  [default: 32 (mlp), 16,32 (conv)]",
+        show_default=False)] = None,
     hidden: Annotated[int, typer.Option(min=1, help="Hidden width of the perceptron field.")] = 64,
     scheme: Annotated[Optional[SchemeName], typer.Option(help="Runge–Kutta scheme.  [default: euler, or the model's]")] = None,
     interp: Annotated[InterpName, typer.Option(help="Interpolation of weights in depth.")] = InterpName.linear,
     activation: Annotated[ActivationName, typer.Option(help="Activation of the fields.")] = ActivationName.gelu,
-    stem_stride: Annotated[int, typer.Option(min=1, help="Stride of the conv stem.")] = 1,
+    stem_stride: Annotated[Optional[int], typer.Option(
+        min=1, help="Stride of the conv stem.  [default: 2 for images of 16 pixels a side or more, else 1]",
+        show_default=False)] = None,
+    knots: Annotated[Optional[str], typer.Option(
+        help="Knots of each stage's weight curve, or a comma list per stage.  [default: the depth; the smallest of "
+             "--depths]", show_default=False)] = None,
+    depths: DepthsOpt = None,
+    schemes: SchemesOpt = None,
+    input_size: Annotated[Optional[str], typer.Option(
+        help="Image folders: resize images to height[,width] pixels; imports: the input size.", show_default=False)] = None,
     init: Annotated[TrainInitName, typer.Option(
         help="smooth: the same weights at every step, zero output layers (Marion et al.); tied: one set of weights "
              "per stage (Sander et al.); iid: an independent draw per step.")] = TrainInitName.smooth,
@@ -225,8 +244,10 @@ def train(
         help="adam (AdamW) or sgd (Nesterov momentum 0.9).")] = OptimizerName.adam,
     schedule: Annotated[ScheduleName, typer.Option(help="Learning-rate schedule.")] = ScheduleName.cosine,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
-    batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (split across torchrun processes).")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak learning rate, > 0.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (split across torchrun processes).")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate, > 0.")] = 1e-2,
+    warmup: WarmupOpt = 0.05,
+    augment: AugmentOpt = False,
     weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay, >= 0.")] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[DeviceName, typer.Option(help="auto picks cuda when there is one.")] = DeviceName.auto,
@@ -243,12 +264,14 @@ def train(
     as_json: JsonOpt = False,
 ):
     """Train an ODENet (from a smooth-in-depth start) or fine-tune a checkpoint."""
-    from .convert import dataset_for, fit_input, is_foreign, load_model, parse_depths, resolve_model
-    from .data import load_data
+    from .convert import dataset_for, fit_input, is_foreign, load_model, parse_depths, parse_input_size, resolve_model
+    from .data import data_warning, load_data
     from .io import load_checkpoint, save_checkpoint
-    from .network import ODENet, ODENetConfig
+    from .network import ODENet
     from .network import untie as untie_model
+    from .newmodel import new_config
     from .resources import check_training
+    from .robust import parse_depth_choices, parse_schemes
     from .train import TrainOptions, is_writer, write_model_card
     from .train import train as run_training
 
@@ -258,7 +281,7 @@ def train(
     method = "adjoint" if adjoint else (grad.value if grad else None)
     if model is not None and not resume:  # fine-tuning keeps the checkpoint's architecture: options that build
         # another would be ignored. (--resume is the run's own command line again, which names them.)
-        given = _given(ctx, "arch", "width", "hidden", "activation", "init", "interp", "stem_stride")
+        given = _given(ctx, "arch", "width", "hidden", "activation", "init", "interp", "stem_stride", "knots")
         if given:
             one = len(given) == 1
             raise ResodeError(f"{', '.join(given)} only appl{'ies' if one else 'y'} to a new model and fine-tuning "
@@ -266,43 +289,47 @@ def train(
                               "--scheme and --grad do apply)")
     elif untie and not resume:
         raise ResodeError("--untie fine-tunes a tied checkpoint: give it as MODEL (resode train MODEL --untie)")
-    options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer.value,
-                           schedule=schedule.value, weight_decay=weight_decay, seed=seed, device=device.value,
-                           skip_nonfinite=skip_nonfinite)
+    scheme_list = parse_schemes(schemes) if schemes is not None else None
+    size = parse_input_size(input_size)
+
     def own_data(net, header):  # --data, else the checkpoint's data set; digits as images for an image model
-        return _as_images(load_data(data, data_dir) if data else dataset_for(header), len(net.config.in_shape) == 3)
+        loaded = load_data(data, data_dir, input_size=size) if data else dataset_for(header, input_size=size)
+        return _as_images(loaded, len(net.config.in_shape) == 3)
 
     if resume:  # the run's own model and data; its checkpoint carries them
         if not out.is_file():
             raise ResodeError(f"nothing to resume: no such file: {str(out)!r}")
         net, header = load_checkpoint(out)
         dataset = own_data(net, header)
+        choices = parse_depth_choices(depths, net.config.depths) if depths is not None else None
     elif model is not None:  # fine-tuning; an imported ResNet keeps BatchNorm as a trainable frozen affine
         net, header, _ = load_model(model, bn="frozen" if is_foreign(resolve_model(model)) else None)
         dataset = own_data(net, header)
         net = fit_input(net, dataset)
-        depths = parse_depths(depth, None, net.config.depths)
+        native = parse_depths(depth, None, net.config.depths)
         if untie:
-            net = untie_model(net.discretize(depths))
-        net = net.discretize(depths, scheme and scheme.value, grad=method or net.config.grad)
+            net = untie_model(net.discretize(native))
+        choices = parse_depth_choices(depths, native) if depths is not None else None
+        new_scheme = scheme.value if scheme else (scheme_list[0] if scheme_list else None)
+        net = net.discretize(native, new_scheme, grad=method or net.config.grad)
     else:
-        try:
-            widths = tuple(int(w) for w in width.split(","))
-        except ValueError:
-            raise ResodeError(f"--width must be an integer or a comma list of integers, got {width!r}") from None
-        depths = parse_depths(depth or "32", None, (1,) * len(widths))
-        flat = load_data(data or "digits", data_dir)
+        flat = load_data(data or "digits", data_dir, input_size=size)
         dataset = _as_images(flat, arch.value != "mlp")
-        config = ODENetConfig(
-            arch=arch.value, in_shape=dataset.in_shape, num_classes=dataset.num_classes, widths=widths,
-            depths=depths, knots=(1,) * len(widths) if init.value == "tied" else None, hidden=hidden,
-            activation=activation.value, scheme=scheme.value if scheme else "euler", interp=interp.value,
-            stem_stride=stem_stride, grad=method or "backprop",
-        )
+        config, choices = new_config(
+            arch.value, dataset.in_shape, dataset.num_classes, width, depth, depths, knots, stem_stride,
+            scheme and scheme.value, scheme_list, init.value == "tied", hidden=hidden, activation=activation.value,
+            interp=interp.value, grad=method or "backprop")
         check_training(config)  # before any allocation
         if dataset is not flat:
             print("note: a conv model takes digits as (1, 8, 8) images (data set digits-images)", file=sys.stderr)
         net = ODENet(config, init="iid" if init.value == "iid" else "smooth", seed=seed)
+    options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer.value,
+                           schedule=schedule.value, weight_decay=weight_decay, seed=seed, device=device.value,
+                           skip_nonfinite=skip_nonfinite, depths=choices, schemes=scheme_list, warmup=warmup,
+                           augment=augment)
+    warning = data_warning(dataset)
+    if warning and is_writer():
+        print(f"warning: {warning}", file=sys.stderr)
     log_path = log if log is not None else out.with_name(out.stem + ".log.jsonl")
     if log is not None:
         check_output_path(log)  # a resumed run's own log is checked against its training state
@@ -327,6 +354,69 @@ def train(
         ("train accuracy", f"{100 * result['train_accuracy']:.2f} %"),
         ("model", f"depth {result['depth']}, {cfg.scheme}, {cfg.grad} gradients, {result['parameters']} parameters"),
         ("time", f"{result['seconds']} s on {result['device']}"),
+    ])
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Optional[str], typer.Argument(
+        help="The model to distil: a resode checkpoint, a shipped model's name, or a torchvision-style ResNet "
+             "state dict (.pth/.pt/.safetensors; give --data and, for imports, --input-size).", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option(
+        help="Inputs to distil on (labels optional: --label-weight 0 ignores them).  [default: the teacher's data]",
+        show_default=False)] = None,
+    knots: Annotated[Optional[str], typer.Option(
+        help="Knots of each stage's smooth curve, or a comma list per stage.  [default: native depth, at most 4]",
+        show_default=False)] = None,
+    depths: Annotated[str, typer.Option(
+        help="Each batch runs at a depth drawn from this list: steps in every stage, or factors of the native "
+             "depths (0.5x).")] = "0.5x,1x,2x",
+    schemes: Annotated[str, typer.Option(help="Each batch runs with a scheme drawn from this list.")] = "euler,heun",
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    local_epochs: Annotated[int, typer.Option(
+        min=0, help="First epochs matching each stage's output to the teacher's, given its input (no labels).")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (Adam, cosine), > 0.")] = 1e-3,
+    warmup: WarmupOpt = 0.05,
+    augment: AugmentOpt = False,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the logit matching.")] = 4.0,
+    label_weight: Annotated[float, typer.Option(
+        help="Weight of cross-entropy on the labels; 0: unlabelled inputs (the teacher's logits only).")] = 0.5,
+    grad: Annotated[GradName, typer.Option(help="How gradients go through the student's ODE blocks.")] = GradName.backprop,
+    weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay, >= 0.")] = 0.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[DeviceName, typer.Option(help="auto picks cuda when there is one.")] = DeviceName.auto,
+    out: Annotated[Path, typer.Option(help="The student checkpoint, written after every epoch.")] = Path(
+        "student.safetensors"),
+    log: Annotated[Optional[Path], typer.Option(
+        help="JSON lines of per-epoch metrics.  [default: beside --out, .log.jsonl]", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run whose checkpoint is --out.")] = False,
+    source_arch: FromOpt = SourceName.auto,
+    input_size: InputSizeOpt = None,
+    bn: BnOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Distil a trained ResNet into a student whose weights are a smooth curve, accurate across depths."""
+    from .distill import run_distillation
+
+    _checkpoint_out(out, "distill")
+    if log is not None:
+        check_output_path(log)
+    result = run_distillation(
+        teacher, data=data, knots=knots, depths=depths, schemes=schemes, epochs=epochs, local_epochs=local_epochs,
+        batch_size=batch_size, lr=lr, warmup=warmup, augment=augment, temperature=temperature, label_weight=label_weight,
+        grad=grad.value, weight_decay=weight_decay, seed=seed, device=device.value, out=out, log=log,
+        resume=resume, source=source_arch.value, input_size=input_size, bn=bn and bn.value,
+        command="resode " + shlex.join(_invocation))
+    if result is None:  # a torchrun rank other than 0
+        return
+    rows = [(f"{r['scheme']} depth {r['depth']}", f"{100 * r['accuracy']:.2f} % (plain conversion "
+             f"{100 * r['conversion_accuracy']:.2f} %)") for r in result["rows"]]
+    _emit(result, as_json, f"resode distill: {Path(result['teacher']).name}", [
+        ("teacher", f"{100 * result['teacher_accuracy']:.2f} % at depth {result['teacher_depth']}, "
+                    f"{result['teacher_scheme']}"),
+        ("student knots", str(result["knots"])), *rows,
+        ("checkpoint", result["checkpoint"]), ("time", f"{result['seconds']:.1f} s on {result['device']}"),
     ])
 
 
@@ -421,6 +511,11 @@ def check(
     plot: Annotated[Optional[Path], typer.Option(help="Draw accuracy and latency against depth to this PNG.")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N test samples only.")] = None,
     repeats: Annotated[int, typer.Option(min=3, help="Latency: timed calls at batch 1 (a tenth at batch 256).")] = 50,
+    stage_search: Annotated[bool, typer.Option(
+        "--stage-search", help="Search a depth per stage instead of sweeping --depths: from the native depths, halve "
+                               "one stage at a time, keeping the fastest graph (onnxruntime, batch 1) whose accuracy "
+                               "stays within --tolerance points of the native one; prints the depths for export "
+                               "--depth a,b,c. Uses the first of --schemes when given, else the model's.")] = False,
     as_json: JsonOpt = False,
 ):
     """Accuracy, deviation from PyTorch and onnxruntime latency against depth × scheme; recommends the cheapest."""
@@ -466,6 +561,12 @@ def check(
         source, header, path = load_model(model)
         dataset = load_data(data) if data else dataset_for(header)
         source = fit_input(source, dataset)
+        if stage_search:
+            _stage_search(ctx, source, dataset, scheme_list, tolerance, repeats, limit, path, as_json)
+            return
+        if "--depths" not in _given(ctx, "depths"):  # the depths a depth-robust model was trained at join the sweep
+            trained = (header.get("training") or {}).get("depths") or []
+            depth_list = sorted({*depth_list, *(d[0] for d in trained if len(set(d)) == 1)})
         with progress_bar() as bar:
             result = check_model(source, dataset, depth_list, scheme_list, tolerance, repeats, limit, progress=bar)
     result["model"] = str(path)
@@ -491,6 +592,33 @@ def check(
         print(f"no depth × scheme here stays within {tolerance} points of {result['reference']}; try deeper depths")
     if result["plot"]:
         print(f"plot: {result['plot']}")
+
+
+def _stage_search(ctx, source, dataset, schemes, tolerance, repeats, limit, path, as_json) -> None:
+    from .check import search_stage_depths
+    from .evaluate import progress_bar
+
+    if _given(ctx, "depths", "plot"):
+        raise ResodeError("--stage-search searches the depths itself and draws no plot: drop --depths and --plot")
+    scheme = schemes[0] if "--schemes" in _given(ctx, "schemes") else None
+    with progress_bar() as bar:
+        result = search_stage_depths(source, dataset, tolerance, scheme, repeats=repeats, limit=limit, progress=bar)
+    result["model"] = str(path)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"resode check --stage-search: {path.name} ({result['scheme']}, reference "
+                        f"{100 * result['reference_accuracy']:.2f} % at depths {result['start_depths']})")
+    for col in ("depths", "accuracy %", "ms (batch 1)", "kept"):
+        table.add_column(col, justify="right")
+    for r in result["tried"]:
+        table.add_row(",".join(map(str, r["depths"])), f"{100 * r['accuracy']:.2f}", f"{r['latency_ms_b1']:.3f}",
+                      "yes" if r["kept"] else "")
+    Console().print(table)
+    rec = result["recommended"]
+    speed = f", {rec['speedup']:.2f}× faster" if rec.get("speedup") else ""
+    print(f"recommended: --depth {','.join(map(str, rec['depths']))} --scheme {result['scheme']}: "
+          f"{100 * rec['accuracy']:.2f} % at {rec['latency_ms_b1']:.3f} ms per sample{speed}")
 
 
 @app.command()

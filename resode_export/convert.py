@@ -172,13 +172,22 @@ def parse_depths(depth: str | int | None, depth_scale: float | None, native: tup
     return tuple(check_depth(d) for d in depths)
 
 
-def dataset_for(header: dict) -> Dataset:
-    """The data set a checkpoint was trained on, from its header."""
+def dataset_for(header: dict, input_size: tuple[int, int] | None = None) -> Dataset:
+    """The data set a checkpoint was trained on, from its header.
+
+    ``input_size`` (height, width) resizes an image folder's images; without it, an image model's own
+    size (its config's ``in_shape[1:]``) is used, so a model trained on an image folder reloads its data
+    at the size it was trained at. Other data sets ignore it.
+    """
     name = header.get("data", {}).get("name")
     if not name:
         raise ResodeError("the model names no data set, so it has no test split to measure on; give --data")
+    in_shape = header.get("config", {}).get("in_shape")
+    if (input_size is None and isinstance(in_shape, (list, tuple)) and len(in_shape) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in in_shape)):
+        input_size = (in_shape[1], in_shape[2])
     try:
-        return load_data(name)
+        return load_data(name, input_size=input_size)
     except ResodeError as exc:
         raise ResodeError(f"the model's data set {name!r} (named in its checkpoint) cannot be loaded here: "
                           f"{str(exc).rstrip('.')}; give --data") from None

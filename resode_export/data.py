@@ -1,4 +1,5 @@
-"""Data sets that need no download: scikit-learn's digits and Fashion-MNIST's local IDX files.
+"""Data sets that need no download: scikit-learn's digits, Fashion-MNIST's local IDX files, folders of
+images (see :mod:`resode_export.images`) and .npz files.
 
 Each comes with a fixed train/test split and a recorded preprocessing, so a checkpoint can
 name its data set and every command re-creates the same test split.
@@ -23,6 +24,8 @@ FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 DATASETS = ("digits", "digits-images", "fashion-mnist")
 NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+NPZ_PIXEL_SCALES = {"uint8": 255, "uint16": 65535}  # integer pixels in an .npz are divided by these
+WARN_ABS, WARN_PEAK, WARN_NONNEGATIVE = 20.0, 1000.0, 2.0  # data_warning's thresholds
 MAX_CLASSES = 100_000  # a label beyond this is a mistake, not a class: the head would not fit in memory
 
 
@@ -35,6 +38,7 @@ class Dataset:
     y_test: Tensor
     preprocessing: str
     split: str
+    classes: tuple[str, ...] | None = None  # class names by label, where the data name them (image folders)
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -42,11 +46,16 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
+        if self.classes:
+            return len(self.classes)
         return int(max(self.y_train.max(), self.y_test.max())) + 1
 
     def describe(self) -> dict:
-        return {"name": self.name, "split": self.split, "preprocessing": self.preprocessing,
+        info = {"name": self.name, "split": self.split, "preprocessing": self.preprocessing,
                 "train_size": len(self.y_train), "test_size": len(self.y_test)}
+        if self.classes:
+            info["classes"] = list(self.classes)
+        return info
 
 
 def check_samples(shape, expected, data: str = "test data", model: str = "the model") -> None:
@@ -55,7 +64,8 @@ def check_samples(shape, expected, data: str = "test data", model: str = "the mo
     if shape == expected:
         return
     if len(expected) == 3 and len(shape) != 3:
-        fix = "this model takes images: give image data (--data digits-images, fashion-mnist, or an .npz of images)"
+        fix = ("this model takes images: give image data (--data digits-images, fashion-mnist, an image folder "
+               "or an .npz of images)")
     elif len(expected) == 1 and len(shape) != 1:
         fix = "this model takes flat samples: give --data digits or an .npz of flat samples"
     else:
@@ -133,7 +143,10 @@ def fashion_mnist(folder: str | os.PathLike | None = None, name: str = "fashion-
 
 
 def npz(path: str | os.PathLike) -> Dataset:
-    """A ``.npz`` file with arrays ``x_train, y_train, x_test, y_test`` (read without pickle)."""
+    """A ``.npz`` file with arrays ``x_train, y_train, x_test, y_test`` (read without pickle).
+
+    Pixels stored as uint8 are divided by 255, uint16 by 65535; other numbers are taken as stored.
+    """
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -166,15 +179,56 @@ def npz(path: str | os.PathLike) -> Dataset:
     if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
         raise ResodeError(f"{str(path)!r}: train and test samples have different shapes")
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-    return Dataset(str(path), t["x_train"].float(), t["y_train"].long(), t["x_test"].float(), t["y_test"].long(),
-                   preprocessing="as stored in the file", split="x_train/y_train and x_test/y_test as stored")
+    done = {}
+    for k in ("x_train", "x_test"):
+        scale = NPZ_PIXEL_SCALES.get(arrays[k].dtype.name)
+        t[k] = t[k].float() / scale if scale else t[k].float()
+        done[k] = f"{arrays[k].dtype.name} pixels / {scale}" if scale else "as stored in the file"
+    preprocessing = (done["x_train"] if done["x_train"] == done["x_test"]
+                     else f"x_train: {done['x_train']}; x_test: {done['x_test']}")
+    return Dataset(str(path), t["x_train"], t["y_train"].long(), t["x_test"], t["y_test"].long(),
+                   preprocessing=preprocessing, split="x_train/y_train and x_test/y_test as stored")
 
 
-def load_data(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+def data_warning(ds: Dataset) -> str | None:
+    """One line warning that ``ds``'s inputs look unnormalized, or None.
+
+    It fires when the 99.9th percentile of |x| is over 20 or |x| reaches 1000 (standardized data stay far
+    below), or when no value is negative and the 99.9th percentile is over 2 (data in [0, 1] stay below;
+    one stray value does not count). Digits (pixels / 16), Fashion-MNIST (standardized, up to 2.02) and
+    image folders (pixels / 255) never fire. The line has no "warning:" prefix.
+    """
+    parts = [x.reshape(-1) for x in (ds.x_train, ds.x_test) if x.numel() and x.is_floating_point()]
+    if not parts:
+        return None
+    # a strided sample of each split keeps the percentile fast on large data
+    sample = np.concatenate([x[:: max(1, x.numel() // 500_000)].double().numpy() for x in parts])
+    high = float(np.quantile(np.abs(sample), 0.999))
+    low, peak = min(float(x.min()) for x in parts), max(float(x.abs().max()) for x in parts)
+    if not (high > WARN_ABS or peak > WARN_PEAK or (low >= 0 and high > WARN_NONNEGATIVE)):
+        return None
+    mean, std = float(sample.mean()), float(sample.std()) or 1.0
+    return (f"the inputs of {ds.name!r} look unnormalized (values from {low:.4g} to {peak:.4g}, 99.9 % of |x| up "
+            f"to {high:.4g}; preprocessing: {ds.preprocessing}); rescale them to about [0, 1] (e.g. pixels / 255) "
+            f"or standardize with --normalize MEAN,STD (here about --normalize {mean:.4g},{std:.4g})")
+
+
+def is_idx_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds MNIST-style IDX files (``*-idx1-ubyte``, ``*-idx3-ubyte``, maybe .gz)."""
+    return any(p.is_file() and "-idx" in p.name and "-ubyte" in p.name and not p.name.startswith(".")
+               for p in folder.iterdir())
+
+
+def load_data(name: str, data_dir: str | os.PathLike | None = None, input_size: tuple[int, int] | None = None) -> Dataset:
     """``digits`` (flat) or ``digits-images``, ``fashion-mnist`` (from ``data_dir`` if given), a folder of
-    MNIST-style IDX files, or a .npz."""
+    MNIST-style IDX files, a folder of images (:mod:`resode_export.images`), or a .npz.
+
+    ``input_size`` (height, width) resizes an image folder's images; the other data sets come at their
+    own size and ignore it (a model's fit to them is checked where the model meets the data).
+    """
     if not isinstance(name, str) or not name:
-        raise ResodeError(f"no data set named {name!r}; use one of {', '.join(DATASETS)}, a folder of IDX files or a .npz")
+        raise ResodeError(f"no data set named {name!r}; use one of {', '.join(DATASETS)}, a folder of images or IDX "
+                          "files, or a .npz")
     if name in ("digits", "digits-images"):
         return digits(images=name == "digits-images")
     if name == "fashion-mnist":
@@ -182,9 +236,15 @@ def load_data(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
     # a folder or file is named by its absolute path, which a checkpoint records: later commands run
     # from another folder still find it
     if Path(name).is_dir():
-        return fashion_mnist(name, name=str(Path(name).resolve()))
+        folder = Path(name).resolve()
+        if is_idx_folder(folder):
+            return fashion_mnist(folder, name=str(folder))
+        from .images import image_folder
+
+        return image_folder(folder, input_size, name=str(folder))
     if name.endswith(".npz"):
         if not Path(name).is_file():
             raise ResodeError(f"no such file: {name!r}")
         return npz(Path(name).resolve())
-    raise ResodeError(f"unknown data set {name!r}; use one of {', '.join(DATASETS)}, a folder of IDX files or a .npz")
+    raise ResodeError(f"unknown data set {name!r}; use one of {', '.join(DATASETS)}, a folder of images or IDX files, "
+                      "or a .npz")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -20,7 +21,7 @@ from .curves import INTERPOLATIONS, Curve
 from .errors import ResodeError, check_choice
 from .fields import ACTIVATIONS, BLOCK_KINDS, BN_FORMS, ConvField, Field, LinearField, MLPField, ResBlockField
 from .gradients import GRADIENTS, ReconstructionMonitor, check_compatible, integrate
-from .resnet import Head, ResidualBlock, Stem, stage_stride
+from .resnet import STEM_KERNELS, Head, ResidualBlock, Stem, stage_stride
 from .schemes import SCHEMES, check_field_scheme
 
 MAX_DEPTH = 65536
@@ -101,7 +102,8 @@ class ODENetConfig:
     block: str = "basic"  # "basic" (resnet18/34) or "bottleneck" (resnet50/101/152, wide, ResNeXt)
     inner: tuple[int, ...] | None = None  # inner width of each stage's blocks (default: widths, or widths/4)
     cardinality: int = 1  # groups of the bottleneck's 3×3 conv (ResNeXt)
-    stem_width: int = 64  # channels of the 7×7 stem conv
+    stem_width: int = 64  # channels of the stem conv
+    stem_kernel: int = 7  # 7: torchvision's 7×7/2 conv + maxpool; 3: the small-image 3×3/1 stem, no maxpool
     bn: str = "fold"  # BatchNorm folded into the convs, or kept "frozen" as scale and shift (fine-tuning)
 
     def __post_init__(self):
@@ -149,6 +151,8 @@ class ODENetConfig:
             self.inner = self.widths if self.block == "basic" else tuple(w // 4 for w in self.widths)
         if len(self.inner) != len(self.widths) or min(self.inner) < 1:
             raise ResodeError(f"inner widths {list(self.inner)} need one positive entry per stage")
+        if self.stem_kernel not in STEM_KERNELS:
+            raise ResodeError(f"stem_kernel must be one of {list(STEM_KERNELS)}, got {self.stem_kernel}")
         if self.cardinality < 1 or self.stem_width < 1:
             raise ResodeError("cardinality and stem_width must be positive integers")
         if any(m % self.cardinality for m in self.inner):
@@ -211,7 +215,7 @@ class ODENet(nn.Module):
         w = config.widths
         act = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}[config.activation]
         if config.arch == "resnet":
-            self.stem = Stem(config.in_shape[0], config.stem_width, config.bn)
+            self.stem = Stem(config.in_shape[0], config.stem_width, config.bn, config.stem_kernel)
             self.transitions = nn.ModuleList(
                 ResidualBlock(a, b, m, stage_stride(i), config.block, config.cardinality, config.bn)
                 for i, (a, b, m) in enumerate(zip((config.stem_width, *w[:-1]), w, config.inner))
@@ -264,6 +268,26 @@ class ODENet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x (B, *in_shape) → logits (B, num_classes)."""
         return self.run(x)
+
+    @contextmanager
+    def solving_at(self, depths: tuple[int, ...] | list[int] | None = None, scheme: str | None = None) -> Iterator[ODENet]:
+        """Solve every block with these per-stage ``depths`` and this ``scheme`` inside the ``with``; the
+        model's own come back after it. Depth-robust training draws one per batch; the knots are the same."""
+        saved = [(b.depth, b.scheme) for b in self.blocks]
+        if depths is not None and len(depths) != len(self.blocks):
+            raise ResodeError(f"got {len(depths)} depths for a model with {len(self.blocks)} stages")
+        try:
+            for i, b in enumerate(self.blocks):
+                if depths is not None:
+                    b.depth = check_depth(int(depths[i]))
+                if scheme is not None:
+                    check_compatible(b.grad, scheme)
+                    check_field_scheme(b.field, scheme)
+                    b.scheme = check_choice("scheme", scheme, SCHEMES)
+            yield self
+        finally:
+            for b, (d, s) in zip(self.blocks, saved):
+                b.depth, b.scheme = d, s
 
     def block_inputs(self, x: Tensor) -> list[Tensor]:
         """The input of every ODE block on x."""

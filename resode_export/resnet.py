@@ -36,15 +36,22 @@ class ConvAffine(nn.Module):
         return x
 
 
-class Stem(nn.Module):
-    """conv7×7 / 2 → BN → relu → maxpool 3×3 / 2."""
+STEM_KERNELS = (7, 3)
 
-    def __init__(self, cin: int, width: int, bn: str):
+
+class Stem(nn.Module):
+    """torchvision's conv7×7 / 2 → BN → relu → maxpool 3×3 / 2, or (``kernel`` 3) the small-image stem that
+    CIFAR-style ResNets put in its place: conv3×3 / 1 → BN → relu, no maxpool."""
+
+    def __init__(self, cin: int, width: int, bn: str, kernel: int = 7):
         super().__init__()
-        self.conv = ConvAffine(cin, width, 7, stride=2, padding=3, bn=bn)
+        self.kernel = kernel
+        small = kernel == 3
+        self.conv = ConvAffine(cin, width, kernel, stride=1 if small else 2, padding=kernel // 2, bn=bn)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.max_pool2d(F.relu(self.conv(x)), 3, stride=2, padding=1)
+        x = F.relu(self.conv(x))
+        return x if self.kernel == 3 else F.max_pool2d(x, 3, stride=2, padding=1)
 
 
 class ResidualBlock(nn.Module):
@@ -86,4 +93,4 @@ def stage_stride(stage: int) -> int:
     return 1 if stage == 0 else 2
 
 
-__all__ = ["ConvAffine", "Head", "ResidualBlock", "Stem", "stage_stride"]
+__all__ = ["STEM_KERNELS", "ConvAffine", "Head", "ResidualBlock", "Stem", "stage_stride"]

@@ -36,7 +36,9 @@ from .errors import ResodeError, check_choice, one_line
 from .evaluate import accuracy, predict, progress_bar
 from .gradients import reconstruction_error
 from .io import CHECKSUM, atomic_write, load_checkpoint, read_safetensors, save_checkpoint, verify_digest, write_safetensors
-from .network import ODENet
+from .network import ODENet, check_depth
+from .robust import draw, extremes
+from .schemes import SCHEMES
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
@@ -60,8 +62,22 @@ class TrainOptions:
     seed: int = 0
     device: str = "auto"
     skip_nonfinite: bool = False  # skip a batch whose loss or gradient is non-finite instead of stopping
+    depths: list[list[int]] | None = None  # depth-robust training: each batch draws one per-stage depth list
+    schemes: list[str] | None = None  # … and one scheme (robust.draw)
+    warmup: float = 0.0  # fraction of the steps over which the learning rate rises linearly from 0
+    augment: bool = False  # images: a random crop (2-pixel padding) and horizontal flip per sample (augment())
 
     def __post_init__(self):
+        if self.depths is not None:
+            self.depths = [[check_depth(int(d)) for d in entry] for entry in self.depths]
+            if not self.depths:
+                raise ResodeError("--depths is empty; give a comma list such as 4,8,16,32")
+        if self.schemes is not None:
+            self.schemes = [check_choice("scheme", s, SCHEMES) for s in self.schemes]
+            if not self.schemes:
+                raise ResodeError("--schemes is empty; give a comma list such as euler,heun")
+        if not 0 <= self.warmup < 1:
+            raise ResodeError(f"--warmup is a fraction of the training steps in [0, 1), got {self.warmup:g}")
         check_choice("optimizer", self.optimizer, dict.fromkeys(OPTIMIZERS))
         check_choice("schedule", self.schedule, dict.fromkeys(SCHEDULES))
         if self.epochs < 1 or self.batch_size < 1:
@@ -76,6 +92,9 @@ class TrainOptions:
 
     def lr_at(self, step: int, total: int) -> float:
         """The learning rate of optimizer step ``step`` (0-based) out of ``total``."""
+        warm = math.ceil(self.warmup * total)
+        if step < warm:
+            return self.lr * (step + 1) / warm
         if self.schedule == "cosine":
             return self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
         if self.schedule == "step":
@@ -161,6 +180,10 @@ def _load_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
     return {**header, "weights": weights}
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_writer() -> bool:
     """True in the process that writes files: the only one, or rank 0 under torchrun."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -220,6 +243,46 @@ def _resume_record(path, saved: dict) -> tuple[int, list[dict]]:
     return epochs, monitors
 
 
+def augment(x: torch.Tensor, seed: int, step: int, pad: int = 2) -> torch.Tensor:
+    """Images (N, C, H, W): each shifted by up to ``pad`` pixels (the border filled with the batch's smallest
+    value, the background of standardized images) and flipped left-right with probability 1/2. A function of
+    the seed and the step, so a resumed run sees the same batches."""
+    gen = torch.Generator().manual_seed(seed * 1_000_033 + step)
+    n, _, h, w = x.shape
+    shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
+    flips = torch.rand(n, generator=gen) < 0.5
+    padded = F.pad(x, (pad,) * 4, value=float(x.min()))
+    rows = (torch.arange(h)[None, :] + shifts[:, :1]).to(x.device)  # (N, H)
+    cols = (torch.arange(w)[None, :] + shifts[:, 1:]).to(x.device)  # (N, W)
+    cols = torch.where(flips[:, None].to(x.device), cols.flip(1), cols)
+    out = padded.gather(2, rows[:, None, :, None].expand(n, x.shape[1], h, w + 2 * pad))
+    return out.gather(3, cols[:, None, None, :].expand(n, x.shape[1], h, w))
+
+
+class CrossEntropy:
+    """The default objective: cross-entropy of the logits against the labels."""
+
+    settings: dict = {}
+
+    def __call__(self, net, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = net(x)
+        return F.cross_entropy(logits, y, reduction="sum"), logits
+
+
+def _fmt(depths: list[int]) -> str:
+    return str(depths[0]) if len(set(depths)) == 1 else ",".join(map(str, depths))
+
+
+@torch.no_grad()
+def _accuracy_at(model: ODENet, options: TrainOptions, x: torch.Tensor, y: torch.Tensor) -> list[dict] | None:
+    """Test accuracy at the shallowest and deepest depths of a depth-robust run (each scheme)."""
+    rows = []
+    for depths, scheme in extremes(options.depths, options.schemes):
+        with model.solving_at(depths, scheme):
+            rows.append({"depths": depths, "scheme": scheme, "accuracy": accuracy(predict(model, x), y)})
+    return rows or None
+
+
 def _gradients_finite(params: list[torch.nn.Parameter]) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
@@ -254,6 +317,7 @@ def train(
     resume: bool = False,
     log: str | os.PathLike | None = None,
     show_progress: bool = True,
+    objective=None,
 ) -> tuple[ODENet, dict]:
     """Train ``model`` on ``data``; after each epoch write ``out`` (checkpoint), its optimizer state
     and a JSON line of metrics to ``log``.
@@ -261,6 +325,8 @@ def train(
     Args:
         model: a fresh or pretrained ODENet; its blocks' gradient method is ``model.config.grad``.
         resume: continue the run whose checkpoint is ``out`` (the model argument is replaced by it).
+        objective: ``objective(net, x, y, epoch) -> (summed loss, logits or None)`` of a batch; default
+            :class:`CrossEntropy` (distillation passes its own). It runs at the batch's drawn depth and scheme.
     Returns:
         the model (CPU, eval mode) and the record stored in the checkpoint header.
     Raises:
@@ -269,10 +335,15 @@ def train(
     """
     if resume and out is None:
         raise ResodeError("--resume needs the checkpoint of the run to continue (--out)")
+    objective = objective or CrossEntropy()
+    if world_size() > 1 and not isinstance(objective, CrossEntropy):
+        raise ResodeError("distillation runs in one process; start it without torchrun")
     if resume:
         model, saved = load_checkpoint(out)
         checkpoint_epochs, monitors = _resume_record(out, saved)
     check_samples(data.in_shape, model.config.in_shape, data="data")
+    if options.augment and len(data.in_shape) != 3:
+        raise ResodeError(f"--augment shifts and flips images; the data's samples have shape {data.in_shape}")
     classes = int(max(data.y_train.max(), data.y_test.max())) + 1
     if classes > model.config.num_classes:
         raise ResodeError(f"the data has labels up to {classes - 1}, the model has {model.config.num_classes} classes")
@@ -280,6 +351,8 @@ def train(
     if options.batch_size % world:
         raise ResodeError(f"--batch-size {options.batch_size} must be a multiple of the {world} processes")
     model = model.to(dev)
+    if hasattr(objective, "to"):
+        objective.to(dev)
     params = list(model.parameters())
     if options.optimizer == "adam":
         opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
@@ -295,6 +368,10 @@ def train(
         if log is not None:  # what the resumed run's log keeps, checked to be this run's (written below)
             log_lines = _resume_log_lines(Path(log), run_log if isinstance(run_log, Path) else None, header)
         _check_resumable(options, header, checkpoint_epochs)
+        saved = header.get("objective") or {}
+        if json.loads(json.dumps(objective.settings)) != saved:
+            raise ResodeError(f"resume with the run's own settings: it ran with {saved or 'plain training'}, given "
+                              f"{objective.settings or 'plain training'}")
         try:
             if header["weights"]:  # the state's own epoch (the checkpoint may be one ahead)
                 model.load_state_dict(header["weights"])
@@ -326,17 +403,18 @@ def train(
                 step = epoch * steps_per_epoch + b
                 idx = order[i : i + options.batch_size]
                 mine = idx[rank::world].to(dev)  # an equal share of the global batch
-                logits = net(x_train[mine])
-                loss_sum_local = F.cross_entropy(logits, y_train[mine], reduction="sum")
-                loss = loss_sum_local * (world / len(idx))  # DDP averages over processes → global mean
-                finite = torch.isfinite(loss.detach()).double()
-                if world > 1:  # every process stops together, or the others wait in all-reduce forever
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                what = None if finite else "loss"
-                opt.zero_grad(set_to_none=True)
-                if what is None:
-                    loss.backward()  # DDP averages the gradients: every process sees the same ones
-                    what = None if _gradients_finite(params) else "gradient"
+                xb = augment(x_train[mine], options.seed, step) if options.augment else x_train[mine]
+                with model.solving_at(*draw(options.depths, options.schemes, options.seed, step)):
+                    loss_sum_local, logits = objective(net, xb, y_train[mine], epoch)
+                    loss = loss_sum_local * (world / len(idx))  # DDP averages over processes → global mean
+                    finite = torch.isfinite(loss.detach()).double()
+                    if world > 1:  # every process stops together, or the others wait in all-reduce forever
+                        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                    what = None if finite else "loss"
+                    opt.zero_grad(set_to_none=True)
+                    if what is None:
+                        loss.backward()  # DDP averages the gradients: every process sees the same ones
+                        what = None if _gradients_finite(params) else "gradient"
                 if what is not None:
                     opt.zero_grad(set_to_none=True)
                     skipped += 1
@@ -354,7 +432,8 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = options.lr_at(step, total)
                 opt.step()
-                stats = torch.stack([loss_sum_local.detach(), (logits.argmax(1) == y_train[mine]).sum().double(),
+                right = (logits.argmax(1) == y_train[mine]).sum().double() if logits is not None else torch.nan
+                stats = torch.stack([loss_sum_local.detach().double(), torch.as_tensor(right, device=dev).double(),
                                      torch.tensor(float(len(mine)), device=dev, dtype=torch.float64)])
                 if world > 1:
                     dist.all_reduce(stats)
@@ -364,8 +443,10 @@ def train(
                 kept = f"the last good checkpoint is {str(out)!r} (epoch {epoch})" if out and epoch else "nothing was written"
                 raise TrainingDiverged(f"the weights became non-finite during epoch {epoch + 1}; {kept}; lower --lr")
             test_acc = accuracy(predict(model, x_test), y_test)
-            row = {"epoch": epoch + 1, "loss": loss_sum / count, "train_accuracy": correct / count,
-                   "test_accuracy": test_acc, "seconds": round(time.perf_counter() - start, 2),
+            train_acc = correct / count if math.isfinite(correct) else None  # None: no logits (stage-local phase)
+            row = {"epoch": epoch + 1, "loss": loss_sum / count, "train_accuracy": train_acc,
+                   "test_accuracy": test_acc, "test_accuracy_at": _accuracy_at(model, options, x_test, y_test),
+                   "seconds": round(time.perf_counter() - start, 2),
                    "peak_memory_bytes": _peak_memory(dev), "lr": options.lr_at(min(total - 1, step), total),
                    "skipped_batches": skipped,
                    "reconstruction_error": reconstruction_errors(model, x_test[:256]),
@@ -373,7 +454,7 @@ def train(
             history.append(row)
             if writer:
                 _warn_reconstruction(epoch + 1, row["reconstruction_error"])
-                record = _record(model, data, options, history, dev, world)
+                record = _record(model, data, options, history, dev, world, objective)
                 if out is not None:
                     save_checkpoint(out, model, record)
                 if log is not None:
@@ -383,12 +464,15 @@ def train(
                     _save_state(state_path(out), opt, {
                         "epoch": epoch + 1, "history": history, "seconds": row["seconds"], "options": asdict(options),
                         "reconstruction_monitor": record["training"].get("reconstruction_monitor", []),
-                        "log": _log_record(log, state_path(out)), "weights": model.state_dict()})
+                        "log": _log_record(log, state_path(out)), "weights": model.state_dict(),
+                        "objective": objective.settings})
                 if show_progress:
-                    bar.console.print(f"epoch {epoch + 1}/{options.epochs}: loss {row['loss']:.4f}, "
-                                      f"train {100 * row['train_accuracy']:.2f} %, test {100 * test_acc:.2f} %, "
-                                      f"{row['seconds']:.0f} s")
-    return model.cpu().eval(), _record(model, data, options, history, dev, world)
+                    train_text = "-" if train_acc is None else f"{100 * train_acc:.2f} %"
+                    at = "".join(f", {r['scheme'] or model.config.scheme} {_fmt(r['depths'])} {100 * r['accuracy']:.2f} %"
+                                 for r in row["test_accuracy_at"] or [])
+                    bar.console.print(f"epoch {epoch + 1}/{options.epochs}: loss {row['loss']:.4f}, train {train_text}, "
+                                      f"test {100 * test_acc:.2f} %{at}, {row['seconds']:.0f} s")
+    return model.cpu().eval(), _record(model, data, options, history, dev, world, objective)
 
 
 def _resume_log_lines(log: Path, run_log: Path | None, state: dict) -> list[str]:
@@ -434,7 +518,8 @@ def _log_epoch(line: str) -> float:
         return math.inf
 
 
-def _record(model: ODENet, data: Dataset, options: TrainOptions, history: list[dict], dev, world: int) -> dict:
+def _record(model: ODENet, data: Dataset, options: TrainOptions, history: list[dict], dev, world: int,
+            objective=None) -> dict:
     last = history[-1]
     record = {
         "data": data.describe(),
@@ -449,6 +534,8 @@ def _record(model: ODENet, data: Dataset, options: TrainOptions, history: list[d
                 for i, b in enumerate(model.blocks) if b.monitor is not None]
     if monitors:
         record["training"]["reconstruction_monitor"] = monitors
+    if objective is not None and objective.settings:
+        record["training"]["objective"] = objective.settings
     return record
 
 
@@ -469,7 +556,7 @@ def write_model_card(checkpoint, model: ODENet, record: dict, command: str) -> P
         f"# {Path(checkpoint).stem}",
         "",
         f"An ODENet ({cfg.arch}) trained by resode ({tr['method']} gradients), "
-        f"{init if str(init).startswith('fine-tuned') else 'from ' + _INIT_TEXT.get(init, init)}.",
+        f"{init if str(init).startswith(('fine-tuned', 'distilled')) else 'from ' + _INIT_TEXT.get(init, init)}.",
         "",
         "| | |",
         "|---|---|",

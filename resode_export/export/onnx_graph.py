@@ -175,6 +175,8 @@ def _conv_affine(g: GraphBuilder, x: str, layer: ConvAffine) -> str:
 def emit_stem(g: GraphBuilder, model: ODENet, x: str) -> str:
     if model.config.arch == "resnet":
         x = g.op("Relu", [_conv_affine(g, x, model.stem.conv)])
+        if model.stem.kernel == 3:  # the small-image stem: no maxpool
+            return x
         return g.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     if model.config.arch == "mlp":
         if len(model.config.in_shape) > 1:

@@ -76,11 +76,13 @@ class Layout:
     stem_width: int
     in_channels: int
     num_classes: int
+    stem_kernel: int = 7  # 7: torchvision's stem; 3: the small-image (CIFAR-style) 3×3/1 conv without maxpool
 
     def describe(self) -> str:
         kind = "BasicBlock" if self.block == "basic" else "Bottleneck"
         extra = f", {self.cardinality} groups" if self.cardinality > 1 else ""
-        return f"{kind} ResNet, blocks {list(self.blocks)}, widths {list(self.widths)}{extra}"
+        stem = ", 3×3 stem without maxpool" if self.stem_kernel == 3 else ""
+        return f"{kind} ResNet, blocks {list(self.blocks)}, widths {list(self.widths)}{extra}{stem}"
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -201,9 +203,10 @@ def detect_layout(sd: dict[str, Tensor]) -> Layout:
         counts.append(len(idx))
     if len(fc) != 2 or min(fc) < 1:
         raise ResodeError(f"fc.weight has shape {fc}; a ResNet's classifier is a (classes, features) matrix")
-    if len(stem) != 4 or stem[2:] != (7, 7):
-        raise ResodeError(f"conv1.weight has shape {stem}; the torchvision stem is a 7×7 conv (deep stems such as "
-                          "timm's resnet50d are not supported)")
+    if len(stem) != 4 or stem[2:] not in ((7, 7), (3, 3)):
+        raise ResodeError(f"conv1.weight has shape {stem}; the torchvision stem is a 7×7 conv (stride 2, then maxpool) "
+                          "and the small-image stem a 3×3 conv (stride 1, no maxpool); others (deep stems such as "
+                          "timm's resnet50d) are not supported")
     bottleneck = "layer1.0.conv3.weight" in sd
     widths, inner, cardinality = [], [], 1
     for s in stages:
@@ -220,7 +223,7 @@ def detect_layout(sd: dict[str, Tensor]) -> Layout:
                 raise ResodeError(f"layer{s}.0.conv2.weight has shape {mid}; expected (width, width/groups, 3, 3)")
             cardinality = first[0] // mid[1]
     layout = Layout("bottleneck" if bottleneck else "basic", tuple(counts), tuple(widths), tuple(inner),
-                    cardinality, stem[0], stem[1], fc[0])
+                    cardinality, stem[0], stem[1], fc[0], stem[2])
     _check_keys(sd, layout)
     too_short = [f"layer{s}" for s, n in zip(stages, counts) if n < 2]
     if too_short:
@@ -241,7 +244,7 @@ def expected_shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
         for stat in _BN_STATS:
             shapes[f"{bn}.{stat}"] = (shape[0],)
 
-    conv_bn("conv1", "bn1", (layout.stem_width, layout.in_channels, 7, 7))
+    conv_bn("conv1", "bn1", (layout.stem_width, layout.in_channels, layout.stem_kernel, layout.stem_kernel))
     cin = layout.stem_width
     for s, (n, width, m) in enumerate(zip(layout.blocks, layout.widths, layout.inner), start=1):
         for j in range(n):
@@ -323,7 +326,10 @@ def reference_forward(sd: dict[str, Tensor], layout: Layout, x: Tensor, eps: flo
     def cbn(x, conv, bn, stride=1, padding=0, groups=1):
         return _bn(F.conv2d(x, w[f"{conv}.weight"], None, stride, padding, 1, groups), w, bn, eps)
 
-    x = F.max_pool2d(F.relu(cbn(x, "conv1", "bn1", 2, 3)), 3, 2, 1)
+    if layout.stem_kernel == 3:  # the small-image stem: 3×3 / 1, no maxpool
+        x = F.relu(cbn(x, "conv1", "bn1", 1, 1))
+    else:
+        x = F.max_pool2d(F.relu(cbn(x, "conv1", "bn1", 2, 3)), 3, 2, 1)
     for s, n in enumerate(layout.blocks, start=1):
         for j in range(n):
             p, stride = f"layer{s}.{j}", (2 if s > 1 and j == 0 else 1)
@@ -386,7 +392,8 @@ def import_resnet(sd: dict[str, Tensor], layout: Layout | None = None, input_siz
     depths = tuple(n - 1 for n in layout.blocks)
     config = ODENetConfig(arch="resnet", in_shape=(layout.in_channels, *input_size), num_classes=layout.num_classes,
                           widths=layout.widths, depths=depths, block=layout.block, inner=layout.inner,
-                          cardinality=layout.cardinality, stem_width=layout.stem_width, bn=bn, scheme="euler",
+                          cardinality=layout.cardinality, stem_width=layout.stem_width, stem_kernel=layout.stem_kernel,
+                          bn=bn, scheme="euler",
                           interp=interp, activation="relu")
     model = ODENet(config, init="smooth").to(dtype)
     with torch.no_grad():
