@@ -70,6 +70,8 @@ DepthsOpt = Annotated[Optional[str], typer.Option(
 SchemesOpt = Annotated[Optional[str], typer.Option(
     help="Each batch is solved with a scheme drawn from this comma list (e.g. euler,heun).", show_default=False)]
 WarmupOpt = Annotated[float, typer.Option(help="Fraction of the steps over which the learning rate rises from 0.")]
+ClipOpt = Annotated[Optional[float], typer.Option(
+    help="Rescale each batch's gradient to at most this norm.", show_default=False)]
 AugmentOpt = Annotated[bool, typer.Option(
     "--augment", help="Images: shift each by up to 2 pixels and flip it left-right at random, per batch.")]
 
@@ -248,6 +250,7 @@ def train(
     lr: Annotated[float, typer.Option(help="Peak learning rate, > 0.")] = 1e-2,
     warmup: WarmupOpt = 0.05,
     augment: AugmentOpt = False,
+    clip_grad: ClipOpt = None,
     weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay, >= 0.")] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[DeviceName, typer.Option(help="auto picks cuda when there is one.")] = DeviceName.auto,
@@ -326,7 +329,7 @@ def train(
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer.value,
                            schedule=schedule.value, weight_decay=weight_decay, seed=seed, device=device.value,
                            skip_nonfinite=skip_nonfinite, depths=choices, schemes=scheme_list, warmup=warmup,
-                           augment=augment)
+                           augment=augment, clip_grad=clip_grad)
     warning = data_warning(dataset)
     if warning and is_writer():
         print(f"warning: {warning}", file=sys.stderr)
@@ -379,6 +382,7 @@ def distill(
     lr: Annotated[float, typer.Option(help="Peak learning rate (Adam, cosine), > 0.")] = 1e-3,
     warmup: WarmupOpt = 0.05,
     augment: AugmentOpt = False,
+    clip_grad: ClipOpt = 1.0,
     temperature: Annotated[float, typer.Option(help="Softmax temperature of the logit matching.")] = 4.0,
     label_weight: Annotated[float, typer.Option(
         help="Weight of cross-entropy on the labels; 0: unlabelled inputs (the teacher's logits only).")] = 0.5,
@@ -404,7 +408,8 @@ def distill(
         check_output_path(log)
     result = run_distillation(
         teacher, data=data, knots=knots, depths=depths, schemes=schemes, epochs=epochs, local_epochs=local_epochs,
-        batch_size=batch_size, lr=lr, warmup=warmup, augment=augment, temperature=temperature, label_weight=label_weight,
+        batch_size=batch_size, lr=lr, warmup=warmup, augment=augment, clip_grad=clip_grad,
+        temperature=temperature, label_weight=label_weight,
         grad=grad.value, weight_decay=weight_decay, seed=seed, device=device.value, out=out, log=log,
         resume=resume, source=source_arch.value, input_size=input_size, bn=bn and bn.value,
         command="resode " + shlex.join(_invocation))

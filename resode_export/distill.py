@@ -176,6 +176,7 @@ def _teacher_and_data(teacher: str | None, data: str | None, source: str, input_
 
 def run_distillation(teacher: str | None, *, data: str | None, knots: str | None, depths: str, schemes: str,
                      epochs: int, local_epochs: int, batch_size: int, lr: float, warmup: float, augment: bool,
+                     clip_grad: float | None,
                      temperature: float,
                      label_weight: float, grad: str, weight_decay: float, seed: int, device: str, out, log,
                      resume: bool, source: str = "auto", input_size=None, bn: str | None = None,
@@ -208,7 +209,8 @@ def run_distillation(teacher: str | None, *, data: str | None, knots: str | None
     student = make_student(net, knot_list).discretize(grad=grad)
     objective = Distillation(net, temperature, label_weight, local_epochs)
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
-                           device=device, depths=choices, schemes=scheme_list, warmup=warmup, augment=augment)
+                           device=device, depths=choices, schemes=scheme_list, warmup=warmup, augment=augment,
+                           clip_grad=clip_grad)
     log_path = Path(log) if log is not None else Path(out).with_name(Path(out).stem + ".log.jsonl")
     if not resume and log_path.exists() and is_writer():
         log_path.unlink()  # a new run starts a new log (as resode train does)

@@ -62,7 +62,8 @@ def _class_files(folder: Path, where: str) -> dict[str, list[Path]]:
         hint = (f"it has {len(loose)} loose image(s) but no class sub-folders: put each class's images in "
                 f"{where}/<class>/" if loose else
                 f"put each class's images ({' '.join(IMAGE_EXTENSIONS)}) in {where}/<class>/")
-        raise ResodeError(f"{str(folder)!r} has no images in class sub-folders (nor MNIST-style IDX files); {hint}")
+        idx = " (nor MNIST-style IDX files)" if where == "DIR" else ""
+        raise ResodeError(f"{str(folder)!r} has no images in class sub-folders{idx}; {hint}")
     empty = [name for name, files in classes.items() if not files]
     if empty:
         raise ResodeError(f"class {empty[0]!r} (folder {str(folder / empty[0])!r}) has no images "
@@ -163,12 +164,12 @@ def _pixels(f: Path, colour: bool, size: tuple[int, int] | None) -> np.ndarray:
             if image.mode in _WIDE_MODES:  # 16-bit gray: scale in float, where Pillow resizes bilinearly too
                 gray = Image.fromarray(np.asarray(image, dtype=np.float32) / 65535.0)  # mode F
                 if size is not None and (gray.height, gray.width) != size:
-                    gray = gray.resize(size[::-1], Image.Resampling.BILINEAR)
+                    gray = gray.resize(size[::-1], Image.BILINEAR)
                 x = np.asarray(gray, dtype=np.float32)[None]
                 return np.repeat(x, 3, axis=0) if colour else x
             image = image.convert("RGB" if colour else "L")
             if size is not None and (image.height, image.width) != size:
-                image = image.resize(size[::-1], Image.Resampling.BILINEAR)
+                image = image.resize(size[::-1], Image.BILINEAR)
             x = np.asarray(image, dtype=np.float32) / 255.0
     except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file fails only when decoded
         raise _unreadable(f, exc) from None
@@ -182,6 +183,9 @@ def image_folder(folder: str | os.PathLike, input_size: tuple[int, int] | None =
     """
     from .data import Dataset
 
+    whole = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+    if input_size is not None and (len(input_size) != 2 or not all(whole(v) for v in input_size)):
+        raise ResodeError(f"an input size is (height, width) in pixels, both positive; got {input_size!r}")
     folder = Path(folder).resolve()
     classes, train, test, split = _layout(folder)
     colour, sizes, wide = _probe([f for f, _ in train + test])
@@ -190,7 +194,7 @@ def image_folder(folder: str | os.PathLike, input_size: tuple[int, int] | None =
         raise ResodeError(f"the images in {str(folder)!r} have {len(sizes)} different sizes (e.g. {str(f1)!r} is "
                           f"{_size(s1)}, {str(f2)!r} is {_size(s2)}, height×width); give --input-size H,W to resize "
                           "them all")
-    size = tuple(input_size) if input_size is not None else next(iter(sizes))
+    size = tuple(int(v) for v in input_size) if input_size is not None else next(iter(sizes))
     resized = input_size is not None and any(s != size for s in sizes)
     channels = 3 if colour else 1
 

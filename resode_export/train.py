@@ -66,6 +66,7 @@ class TrainOptions:
     schemes: list[str] | None = None  # … and one scheme (robust.draw)
     warmup: float = 0.0  # fraction of the steps over which the learning rate rises linearly from 0
     augment: bool = False  # images: a random crop (2-pixel padding) and horizontal flip per sample (augment())
+    clip_grad: float | None = None  # rescale the gradient to at most this norm (None: no clipping)
 
     def __post_init__(self):
         if self.depths is not None:
@@ -76,6 +77,8 @@ class TrainOptions:
             self.schemes = [check_choice("scheme", s, SCHEMES) for s in self.schemes]
             if not self.schemes:
                 raise ResodeError("--schemes is empty; give a comma list such as euler,heun")
+        if self.clip_grad is not None and not 0 < self.clip_grad < math.inf:
+            raise ResodeError(f"--clip-grad must be a positive number, got {self.clip_grad:g}")
         if not 0 <= self.warmup < 1:
             raise ResodeError(f"--warmup is a fraction of the training steps in [0, 1), got {self.warmup:g}")
         check_choice("optimizer", self.optimizer, dict.fromkeys(OPTIMIZERS))
@@ -429,6 +432,8 @@ def train(
                                                f"{kept}; lower --lr, or pass --skip-nonfinite to skip such batches")
                     bar.update(task, advance=1)
                     continue
+                if options.clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(params, options.clip_grad)
                 for group in opt.param_groups:
                     group["lr"] = options.lr_at(step, total)
                 opt.step()
