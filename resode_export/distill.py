@@ -136,9 +136,11 @@ class Distillation:
 
 @torch.no_grad()
 def depth_rows(student: ODENet, teacher: ODENet, data: Dataset, depths: list[list[int]], schemes: list[str],
-               limit: int | None = None, progress=None) -> list[dict]:
-    """Test accuracy of the student, and of the teacher's plain conversion, at every depth × scheme."""
-    x, y = data.x_test[:limit], data.y_test[:limit]
+               limit: int | None = None, progress=None, device=None) -> list[dict]:
+    """Test accuracy of the student, and of the teacher's plain conversion, at every depth × scheme (on ``device``;
+    the models move there)."""
+    x, y = data.x_test[:limit].to(device), data.y_test[:limit].to(device)
+    student, teacher = student.to(device), teacher.to(device)
     rows = []
     task = progress.add_task("measuring", total=len(depths) * len(schemes)) if progress else None
     for scheme in schemes:
@@ -193,7 +195,7 @@ def run_distillation(teacher: str | None, *, data: str | None, knots: str | None
     from .io import save_checkpoint
     from .newmodel import int_list, per_stage
     from .robust import parse_depth_choices, parse_schemes
-    from .train import TrainOptions, is_writer, train, write_model_card
+    from .train import TrainOptions, is_writer, resolve_device, train, write_model_card
 
     start = time.perf_counter()
     net, header, path, dataset = _teacher_and_data(teacher, data, source, input_size, bn)
@@ -217,10 +219,12 @@ def run_distillation(teacher: str | None, *, data: str | None, knots: str | None
     student, record = train(student, dataset, options, out=out, resume=resume, log=log_path, objective=objective)
     if not is_writer():
         return None
-    teacher_accuracy = accuracy(predict(net, dataset.x_test), dataset.y_test)
+    dev = resolve_device(device)
+    teacher_accuracy = accuracy(predict(net.to(dev), dataset.x_test.to(dev)), dataset.y_test)
     with progress_bar() as bar:
         rows = depth_rows(student, net, dataset, [list(native), *[c for c in choices if c != list(native)]],
-                          scheme_list, progress=bar)
+                          scheme_list, progress=bar, device=dev)
+    student = student.cpu()
     record["training"].update(init=f"distilled from {path}", command=command)
     record["distilled_from"] = {"path": str(path), "depths": list(native), "scheme": net.config.scheme,
                                 "test_accuracy": teacher_accuracy}
