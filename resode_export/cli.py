@@ -64,6 +64,10 @@ BnOpt = Annotated[Optional[BnName], typer.Option(
     "--bn", help="Imports: BatchNorm folded into the convs, or kept frozen as scale and shift (trainable).  "
                  "[default: fold; frozen for train]", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+NormalizeOpt = Annotated[Optional[str], typer.Option(
+    help="New models and imports: the input normalization MEAN,STD (or each channel's mean, then each one's std), "
+         "recorded in the checkpoint and applied before the stem by every command and in exported graphs.",
+    show_default=False)]
 DepthsOpt = Annotated[Optional[str], typer.Option(
     help="Depth-robust training: each batch is solved at a depth drawn from this comma list (steps in every stage, "
          "or factors of the native depths such as 0.5x,1x,2x).", show_default=False)]
@@ -132,10 +136,20 @@ def convert(
     source_arch: FromOpt = SourceName.auto,
     input_size: InputSizeOpt = None,
     bn: BnOpt = None,
+    normalize: NormalizeOpt = None,
     as_json: JsonOpt = False,
 ):
     """Import a ResNet or re-discretize a model at another depth, scheme or interpolation; measure what changes."""
-    from .convert import compare, dataset_for, fit_input, load_model, parse_depths, parse_input_size
+    from .convert import (
+        apply_normalize,
+        compare,
+        dataset_for,
+        fit_input,
+        load_model,
+        parse_depths,
+        parse_input_size,
+        parse_normalize,
+    )
     from .data import load_data
     from .evaluate import progress_bar
     from .io import save_checkpoint
@@ -143,7 +157,9 @@ def convert(
     start = time.perf_counter()
     if out is not None:
         _checkpoint_out(out, "convert")
+    norm = parse_normalize(normalize)
     source, header, path = load_model(model, source_arch.value, parse_input_size(input_size), bn and bn.value)
+    source = apply_normalize(source, norm, bool(_import_record(header)))
     if out is not None and out.resolve() == path.resolve():
         raise ResodeError(f"--out {str(out)!r} is the model being converted; write the converted one to another file")
     if n_basis is not None and (interp.value if interp else source.config.interp) != "smooth":
@@ -251,6 +267,7 @@ def train(
     warmup: WarmupOpt = 0.05,
     augment: AugmentOpt = False,
     clip_grad: ClipOpt = None,
+    normalize: NormalizeOpt = None,
     weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay, >= 0.")] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[DeviceName, typer.Option(help="auto picks cuda when there is one.")] = DeviceName.auto,
@@ -267,7 +284,18 @@ def train(
     as_json: JsonOpt = False,
 ):
     """Train an ODENet (from a smooth-in-depth start) or fine-tune a checkpoint."""
-    from .convert import dataset_for, fit_input, is_foreign, load_model, parse_depths, parse_input_size, resolve_model
+    from .cards import write_model_card
+    from .convert import (
+        apply_normalize,
+        dataset_for,
+        fit_input,
+        is_foreign,
+        load_model,
+        parse_depths,
+        parse_input_size,
+        parse_normalize,
+        resolve_model,
+    )
     from .data import data_warning, load_data
     from .io import load_checkpoint, save_checkpoint
     from .network import ODENet
@@ -275,7 +303,7 @@ def train(
     from .newmodel import new_config
     from .resources import check_training
     from .robust import parse_depth_choices, parse_schemes
-    from .train import TrainOptions, is_writer, write_model_card
+    from .train import TrainOptions, is_writer
     from .train import train as run_training
 
     _checkpoint_out(out, "train")
@@ -294,6 +322,7 @@ def train(
         raise ResodeError("--untie fine-tunes a tied checkpoint: give it as MODEL (resode train MODEL --untie)")
     scheme_list = parse_schemes(schemes) if schemes is not None else None
     size = parse_input_size(input_size)
+    norm = parse_normalize(normalize)
 
     def own_data(net, header):  # --data, else the checkpoint's data set; digits as images for an image model
         loaded = load_data(data, data_dir, input_size=size) if data else dataset_for(header, input_size=size)
@@ -306,7 +335,9 @@ def train(
         dataset = own_data(net, header)
         choices = parse_depth_choices(depths, net.config.depths) if depths is not None else None
     elif model is not None:  # fine-tuning; an imported ResNet keeps BatchNorm as a trainable frozen affine
-        net, header, _ = load_model(model, bn="frozen" if is_foreign(resolve_model(model)) else None)
+        foreign = is_foreign(resolve_model(model))
+        net, header, _ = load_model(model, bn="frozen" if foreign else None)
+        net = apply_normalize(net, norm, foreign)
         dataset = own_data(net, header)
         net = fit_input(net, dataset)
         native = parse_depths(depth, None, net.config.depths)
@@ -321,7 +352,7 @@ def train(
         config, choices = new_config(
             arch.value, dataset.in_shape, dataset.num_classes, width, depth, depths, knots, stem_stride,
             scheme and scheme.value, scheme_list, init.value == "tied", hidden=hidden, activation=activation.value,
-            interp=interp.value, grad=method or "backprop")
+            interp=interp.value, grad=method or "backprop", normalize=norm)
         check_training(config)  # before any allocation
         if dataset is not flat:
             print("note: a conv model takes digits as (1, 8, 8) images (data set digits-images)", file=sys.stderr)
@@ -330,7 +361,7 @@ def train(
                            schedule=schedule.value, weight_decay=weight_decay, seed=seed, device=device.value,
                            skip_nonfinite=skip_nonfinite, depths=choices, schemes=scheme_list, warmup=warmup,
                            augment=augment, clip_grad=clip_grad)
-    warning = data_warning(dataset)
+    warning = data_warning(dataset) if net.config.normalize is None else None
     if warning and is_writer():
         print(f"warning: {warning}", file=sys.stderr)
     log_path = log if log is not None else out.with_name(out.stem + ".log.jsonl")
@@ -383,6 +414,7 @@ def distill(
     warmup: WarmupOpt = 0.05,
     augment: AugmentOpt = False,
     clip_grad: ClipOpt = 1.0,
+    normalize: NormalizeOpt = None,
     temperature: Annotated[float, typer.Option(help="Softmax temperature of the logit matching.")] = 4.0,
     label_weight: Annotated[float, typer.Option(
         help="Weight of cross-entropy on the labels; 0: unlabelled inputs (the teacher's logits only).")] = 0.5,
@@ -411,7 +443,7 @@ def distill(
         batch_size=batch_size, lr=lr, warmup=warmup, augment=augment, clip_grad=clip_grad,
         temperature=temperature, label_weight=label_weight,
         grad=grad.value, weight_decay=weight_decay, seed=seed, device=device.value, out=out, log=log,
-        resume=resume, source=source_arch.value, input_size=input_size, bn=bn and bn.value,
+        resume=resume, source=source_arch.value, input_size=input_size, bn=bn and bn.value, normalize=normalize,
         command="resode " + shlex.join(_invocation))
     if result is None:  # a torchrun rank other than 0
         return

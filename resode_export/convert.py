@@ -31,8 +31,9 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     if Path(name).exists() or os.sep in name or name.endswith(".safetensors"):
         return Path(name)
     for folder in MODELS_DIRS:
-        if (folder / f"{name}.safetensors").is_file():
-            return folder / f"{name}.safetensors"
+        for suffix in (".safetensors", ".pth"):  # fashion-resnet ships as the state dict a user holds
+            if (folder / f"{name}{suffix}").is_file():
+                return folder / f"{name}{suffix}"
     return Path(name)  # load_checkpoint reports it missing
 
 
@@ -122,6 +123,30 @@ def load_model(model: str | os.PathLike | None, source: str = "auto", input_size
                           f"{str(path)!r} is a resode checkpoint")
     net, header = load_checkpoint(path)
     return net, header, path
+
+
+def parse_normalize(text: str | None) -> tuple[float, ...] | None:
+    """``--normalize``: "MEAN,STD" or per channel "m1,m2,m3,s1,s2,s3" (checked against the model's channels)."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        raise ResodeError(f"--normalize takes numbers MEAN,STD (or the means of every channel, then their standard "
+                          f"deviations), got {text!r}") from None
+
+
+def apply_normalize(net: ODENet, values: tuple[float, ...] | None, imported: bool) -> ODENet:
+    """Record ``--normalize`` in an import's config (it then applies in every command and exported graph)."""
+    from .network import check_normalize
+
+    if values is None:
+        return net
+    if not imported:
+        raise ResodeError("--normalize applies to new models and imports (.pth state dicts); a resode checkpoint "
+                          "keeps the normalization it was trained with")
+    net.config = replace(net.config, normalize=check_normalize(values, net.config.in_shape))
+    return net
 
 
 def fit_input(net: ODENet, data: Dataset) -> ODENet:

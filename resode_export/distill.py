@@ -158,12 +158,14 @@ def depth_rows(student: ODENet, teacher: ODENet, data: Dataset, depths: list[lis
 
 
 
-def _teacher_and_data(teacher: str | None, data: str | None, source: str, input_size, bn: str | None):
-    from .convert import dataset_for, fit_input, load_model, parse_input_size
+def _teacher_and_data(teacher: str | None, data: str | None, source: str, input_size, bn: str | None,
+                      normalize: str | None):
+    from .convert import apply_normalize, dataset_for, fit_input, load_model, parse_input_size, parse_normalize
     from .data import check_samples, load_data
 
-    size = parse_input_size(input_size)
+    size, norm = parse_input_size(input_size), parse_normalize(normalize)
     net, header, path = load_model(teacher, source, size, bn)
+    net = apply_normalize(net, norm, bool(header.get("imported")))
     if data:
         dataset = load_data(data, input_size=size)
     elif header.get("imported"):
@@ -182,7 +184,7 @@ def run_distillation(teacher: str | None, *, data: str | None, knots: str | None
                      temperature: float,
                      label_weight: float, grad: str, weight_decay: float, seed: int, device: str, out, log,
                      resume: bool, source: str = "auto", input_size=None, bn: str | None = None,
-                     command: str = "") -> dict | None:
+                     normalize: str | None = None, command: str = "") -> dict | None:
     """``resode distill``: load the teacher and data, distil (train with :class:`Distillation`), measure, write.
 
     Returns the result ``--json`` prints (None in a torchrun process that does not write).
@@ -190,15 +192,16 @@ def run_distillation(teacher: str | None, *, data: str | None, knots: str | None
     import time
     from pathlib import Path
 
+    from .cards import write_model_card
     from .evaluate import progress_bar
     from .gradients import check_compatible
     from .io import save_checkpoint
     from .newmodel import int_list, per_stage
     from .robust import parse_depth_choices, parse_schemes
-    from .train import TrainOptions, is_writer, resolve_device, train, write_model_card
+    from .train import TrainOptions, is_writer, resolve_device, train
 
     start = time.perf_counter()
-    net, header, path, dataset = _teacher_and_data(teacher, data, source, input_size, bn)
+    net, header, path, dataset = _teacher_and_data(teacher, data, source, input_size, bn, normalize)
     if local_epochs >= epochs:
         raise ResodeError(f"--local-epochs {local_epochs} leaves no end-to-end epoch of --epochs {epochs}; "
                           "give more --epochs or fewer --local-epochs")

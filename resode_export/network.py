@@ -29,6 +29,30 @@ ARCHS = ("mlp", "conv", "resnet")
 INITS = ("smooth", "iid")
 
 
+def check_normalize(values, in_shape: tuple[int, ...]) -> tuple[float, ...]:
+    """Per-channel (mean…, std…): 2 numbers (every channel) or 2 C (C = channels of images, 1 for flat samples)."""
+    values = tuple(float(v) for v in values)
+    channels = int(in_shape[0]) if len(in_shape) == 3 else 1
+    if len(values) == 2 and channels > 1:
+        values = (values[0],) * channels + (values[1],) * channels
+    if len(values) != 2 * channels:
+        raise ResodeError(f"--normalize takes MEAN,STD or {channels} means then {channels} standard deviations for "
+                          f"inputs of {channels} channel(s), got {len(values)} numbers")
+    if not all(math.isfinite(v) for v in values) or min(values[channels:]) <= 0:
+        raise ResodeError(f"--normalize needs finite means and positive standard deviations, got {list(values)}")
+    return values
+
+
+def normalization(config) -> tuple[Tensor, Tensor] | None:
+    """(mean, std) shaped to broadcast over one sample, or None."""
+    if config.normalize is None:
+        return None
+    c = len(config.normalize) // 2
+    shape = (c, 1, 1) if len(config.in_shape) == 3 else ()
+    mean, std = torch.tensor(config.normalize[:c]), torch.tensor(config.normalize[c:])
+    return (mean.reshape(shape), std.reshape(shape)) if shape else (mean[0], std[0])
+
+
 def check_depth(depth: int) -> int:
     if not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
         raise ResodeError(f"depth must be an integer from 1 to {MAX_DEPTH}, got {depth!r}")
@@ -105,12 +129,16 @@ class ODENetConfig:
     stem_width: int = 64  # channels of the stem conv
     stem_kernel: int = 7  # 7: torchvision's 7×7/2 conv + maxpool; 3: the small-image 3×3/1 stem, no maxpool
     bn: str = "fold"  # BatchNorm folded into the convs, or kept "frozen" as scale and shift (fine-tuning)
+    normalize: tuple[float, ...] | None = None  # per-channel means then standard deviations applied to every input,
+    # (x − mean) / std, before the stem: in PyTorch, in exported graphs (a Sub/Div prefix) and by every command
 
     def __post_init__(self):
         for name in ("in_shape", "widths", "depths", "knots", "inner"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, tuple(int(v) for v in value))
+        if self.normalize is not None:
+            self.normalize = check_normalize(self.normalize, self.in_shape)
         check_choice("arch", self.arch, dict.fromkeys(ARCHS))
         check_choice("scheme", self.scheme, SCHEMES)
         check_choice("interpolation", self.interp, INTERPOLATIONS)
@@ -256,7 +284,11 @@ class ODENet(nn.Module):
         return [item for i in range(stages) for item in [("block", i)] + ([("transition", i)] if i < stages - 1 else [])]
 
     def run(self, x: Tensor, solve_block=None) -> Tensor:
-        """stem → the layers of :meth:`order` → head, with ``solve_block(i, block, x)`` for the ODE blocks."""
+        """[normalization →] stem → the layers of :meth:`order` → head, with ``solve_block(i, block, x)`` for the
+        ODE blocks."""
+        norm = normalization(self.config)
+        if norm is not None:
+            x = (x - norm[0].to(x)) / norm[1].to(x)
         x = self.stem(x)
         for kind, i in self.order():
             if kind == "transition":

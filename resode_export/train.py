@@ -31,14 +31,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .cards import fmt_depths
 from .data import Dataset, check_samples
 from .errors import ResodeError, check_choice, one_line
 from .evaluate import accuracy, predict, progress_bar
 from .gradients import reconstruction_error
-from .io import CHECKSUM, atomic_write, load_checkpoint, read_safetensors, save_checkpoint, verify_digest, write_safetensors
+from .io import atomic_write, load_checkpoint, save_checkpoint
 from .network import ODENet, check_depth
 from .robust import draw, extremes
 from .schemes import SCHEMES
+from .train_state import _load_state, _log_record, _resume_log_lines, _save_state, state_path  # noqa: F401 - tests patch _save_state here
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
@@ -125,62 +127,6 @@ def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def state_path(checkpoint: str | os.PathLike) -> Path:
-    """Where the optimizer state of a run writing ``checkpoint`` lives."""
-    p = Path(checkpoint)
-    return p.with_name(p.stem + ".train-state.safetensors")
-
-
-def _save_state(path: Path, optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    """The optimizer state, ``meta`` (epoch, history, …) and the model's weights (``meta["weights"]``).
-
-    With the weights in it, this one file is all a resume needs: a run killed between the
-    checkpoint's write and this one's resumes from the previous epoch and repeats the last.
-    """
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{key}"] = value
-    for name, value in (meta.get("weights") or {}).items():
-        tensors[f"model.{name}"] = value.detach().cpu().contiguous()
-    meta = {k: v for k, v in meta.items() if k != "weights"}
-    header = {**meta, "param_groups": sd["param_groups"], "scalars": scalars, "checksum": CHECKSUM}
-    write_safetensors(path, tensors, {"resode-train-state": json.dumps(header)})
-
-
-def _load_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
-    if not path.is_file():
-        raise ResodeError(f"cannot resume: {str(path)!r} is missing; start without --resume")
-    tensors, metadata = read_safetensors(path)
-    try:
-        header = json.loads(metadata["resode-train-state"])
-        verify_digest(path, tensors, metadata, required=header.get("checksum") is not None)
-        weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        state: dict[int, dict] = {}
-        for key, value in [*tensors.items(), *header["scalars"].items()]:
-            if key.startswith("model."):
-                continue
-            idx, name = key.split(".", 1)
-            state.setdefault(int(idx), {})[name] = value
-        optimizer.load_state_dict({"state": state, "param_groups": header["param_groups"]})
-        if not (isinstance(header["epoch"], int) and isinstance(header["history"], list)
-                and isinstance(header["seconds"], (int, float)) and isinstance(header.get("options", {}), dict)):
-            raise TypeError("epoch, history, seconds or options of the wrong type")
-    except ResodeError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any inconsistency of the file is bad input
-        text = one_line(repr(exc))
-        raise ResodeError(f"cannot resume: {str(path)!r} holds no usable training state ({text}); "
-                          "start the run again without --resume") from None
-    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
-        raise ResodeError(f"cannot resume: {str(path)!r} holds non-finite weights; start the run again")
-    return {**header, "weights": weights}
 
 
 def world_size() -> int:
@@ -270,10 +216,6 @@ class CrossEntropy:
     def __call__(self, net, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         logits = net(x)
         return F.cross_entropy(logits, y, reduction="sum"), logits
-
-
-def _fmt(depths: list[int]) -> str:
-    return str(depths[0]) if len(set(depths)) == 1 else ",".join(map(str, depths))
 
 
 @torch.no_grad()
@@ -473,54 +415,11 @@ def train(
                         "objective": objective.settings})
                 if show_progress:
                     train_text = "-" if train_acc is None else f"{100 * train_acc:.2f} %"
-                    at = "".join(f", {r['scheme'] or model.config.scheme} {_fmt(r['depths'])} {100 * r['accuracy']:.2f} %"
+                    at = "".join(f", {r['scheme'] or model.config.scheme} {fmt_depths(r['depths'])} {100 * r['accuracy']:.2f} %"
                                  for r in row["test_accuracy_at"] or [])
                     bar.console.print(f"epoch {epoch + 1}/{options.epochs}: loss {row['loss']:.4f}, train {train_text}, "
                                       f"test {100 * test_acc:.2f} %{at}, {row['seconds']:.0f} s")
     return model.cpu().eval(), _record(model, data, options, history, dev, world, objective)
-
-
-def _resume_log_lines(log: Path, run_log: Path | None, state: dict) -> list[str]:
-    """The lines a resumed run's log keeps: its finished epochs (a line of an epoch that did not finish
-    goes). The log must be the run's own: the one its training state records while that exists, and in
-    any case one whose finished epochs are the state's history; a log that is missing starts from that
-    history. So the run's history is never split or mixed with another's."""
-    if run_log is not None and log.resolve() != run_log and run_log.exists():
-        raise ResodeError(f"resume with the run's own log, --log {run_log} (given {log}): another would split "
-                          "its history")
-    history = state["history"]
-    if not log.is_file():
-        return [json.dumps(row) for row in history]
-    done, kept = state["epoch"], []
-    for line in log.read_text().splitlines():
-        epoch = _log_epoch(line)
-        if math.isfinite(epoch) and epoch > done + 1:  # (done + 1: written just before the run was stopped)
-            raise ResodeError(f"{str(log)!r} records epoch {epoch:g}, past the {done} epochs of this run's training "
-                              "state: it is the log of another continuation of the run; give a new --log")
-        if epoch <= done:
-            kept.append(line)
-    canonical = lambda rows: [json.dumps(row, sort_keys=True) for row in rows]  # noqa: E731
-    if canonical(json.loads(line) for line in kept) != canonical(history):
-        raise ResodeError(f"{str(log)!r} is not this run's log (its epochs differ from the training state's history); "
-                          "give a new --log, which starts with the run's history")
-    return kept
-
-
-def _log_record(log: Path | None, state: Path) -> str | None:
-    """The log's path as the training state records it: relative to the state's folder when the log lies
-    in it (the default, beside the checkpoint), so that a run folder moved elsewhere still resumes."""
-    if log is None:
-        return None
-    log, folder = log.resolve(), state.resolve().parent
-    return str(log.relative_to(folder)) if log.is_relative_to(folder) else str(log)
-
-
-def _log_epoch(line: str) -> float:
-    """The epoch of a log line; a line that is not a finished epoch's record (cut off) sorts last."""
-    try:
-        return float(json.loads(line)["epoch"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 def _record(model: ODENet, data: Dataset, options: TrainOptions, history: list[dict], dev, world: int,
@@ -542,50 +441,3 @@ def _record(model: ODENet, data: Dataset, options: TrainOptions, history: list[d
     if objective is not None and objective.settings:
         record["training"]["objective"] = objective.settings
     return record
-
-
-_INIT_TEXT = {
-    "smooth": "a smooth-in-depth initialization (Marion et al. 2024: the same weights at every step, zero output layers)",
-    "tied": "a tied initialization (one set of weights per stage, zero output layers; Sander et al. 2022)",
-    "iid": "an i.i.d. initialization (an independent draw per step)",
-}
-
-
-def write_model_card(checkpoint, model: ODENet, record: dict, command: str) -> Path:
-    """Write ``<checkpoint>.md``: data, split, preprocessing, architecture, accuracy, command, time."""
-    path = Path(checkpoint).with_suffix(".md")
-    cfg, data, tr = model.config, record["data"], record["training"]
-    init = tr.get("init", "smooth")
-    size = Path(checkpoint).stat().st_size
-    lines = [
-        f"# {Path(checkpoint).stem}",
-        "",
-        f"An ODENet ({cfg.arch}) trained by resode ({tr['method']} gradients), "
-        f"{init if str(init).startswith(('fine-tuned', 'distilled')) else 'from ' + _INIT_TEXT.get(init, init)}.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| data | {data['name']} |",
-        f"| split | {data['split']} |",
-        f"| preprocessing | {data['preprocessing']} |",
-        f"| architecture | widths {list(cfg.widths)}, {cfg.field or cfg.arch} fields, {cfg.activation}"
-        + (f", hidden {cfg.hidden}" if cfg.arch == "mlp" else f", stem stride {cfg.stem_stride}") + " |",
-        f"| depth | {list(cfg.depths)} (knots {list(cfg.knots)}) |",
-        f"| scheme | {cfg.scheme} |",
-        f"| interpolation | {cfg.interp} |",
-        f"| parameters | {sum(p.numel() for p in model.parameters())} ({size / 1e6:.2f} MB file) |",
-        f"| test accuracy | {100 * record['metrics']['test_accuracy']:.2f} % ({data['test_size']} test samples) |",
-        f"| train accuracy | {100 * record['metrics']['train_accuracy']:.2f} % (running, during the last epoch) |",
-        f"| training | {tr['epochs']} epochs, batch {tr['batch_size']}, {tr['optimizer']} lr {tr['lr']} ({tr['schedule']}),"
-        f" weight decay {tr['weight_decay']}, seed {tr['seed']} |",
-        f"| time and device | {tr['seconds']} s on {tr['device']}, {tr['processes']} process(es), torch {tr['torch']} |",
-        "",
-        "Trained with:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-    ]
-    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
-    return path

@@ -29,7 +29,7 @@ from resode_export.io import load_checkpoint
 from resode_export.network import ODEBlock
 
 from .helpers import fitted_slope, run_cli
-from .tv_models import Bottleneck, ResNet, randomize_bn, resnet18, resnet50
+from .tv_models import BasicBlock, Bottleneck, ResNet, randomize_bn, resnet18, resnet50
 
 SIZE = (32, 32)
 
@@ -300,7 +300,7 @@ BAD_LAYOUTS = {
                        "unexpected 1 key (layer2.1.extra.weight)"),
     "wrong shape": (lambda sd: sd.update({"layer3.1.conv1.weight": torch.zeros(32, 32, 1, 1)}),
                     "wrong shape (layer3.1.conv1.weight: (32, 32, 1, 1), expected (32, 32, 3, 3))"),
-    "deep stem": (lambda sd: sd.update({"conv1.weight": torch.zeros(8, 3, 3, 3)}), "7×7"),
+    "5×5 stem": (lambda sd: sd.update({"conv1.weight": torch.zeros(8, 3, 5, 5)}), "7×7"),
     "single-block stage": (lambda sd: [sd.pop(k) for k in [k for k in sd if k.startswith("layer4.1.")]],
                            "layer4 holds a single block"),
     "deep stem of timm's ResNet-D": (lambda sd: [sd.pop("conv1.weight"), sd.update({"conv1.0.weight": torch.zeros(8, 3, 3, 3)})],
@@ -610,3 +610,30 @@ def test_back_to_torchvision_needs_euler_and_a_resnet(capsys, tmp_path, r50_file
     code, _, err = run_cli(capsys, "export", "digits-mlp", "--format", "torchvision", "--out", tmp_path / "y.pth")
     assert code == 2 and "imported models" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_small_image_stem_imports_exactly_and_exports(tmp_path):
+    """CIFAR-style ResNets replace torchvision's stem by a 3×3 / 1 conv without maxpool: recognized by the kernel."""
+    import onnxruntime as ort
+
+    from resode_export.export.onnx_graph import static_graph
+
+    torch.manual_seed(0)
+    net = ResNet(BasicBlock, [2, 3, 2], width=8, in_channels=1)
+    net.conv1 = torch.nn.Conv2d(1, 8, 3, 1, 1, bias=False)
+    net.maxpool = torch.nn.Identity()
+    randomize_bn(net)
+    sd = net.state_dict()
+    layout = detect_layout(sd)
+    assert layout.stem_kernel == 3 and "3×3 stem without maxpool" in layout.describe()
+    x = torch.randn(3, 1, 20, 20)
+    with torch.no_grad():
+        reference = net(x)
+        for bn in ("fold", "frozen"):
+            imported = import_resnet(sd, layout, (20, 20), bn=bn)
+            assert imported.config.stem_kernel == 3
+            assert float(relative_deviation(imported(x), reference).max()) < 1e-5
+    session = ort.InferenceSession(static_graph(imported).SerializeToString())
+    assert np.abs(session.run(None, {"input": x.numpy()})[0] - reference.numpy()).max() < 1e-4
+    # a 7×7 stem is still torchvision's, with its maxpool
+    assert detect_layout(small("resnet18").state_dict()).stem_kernel == 7

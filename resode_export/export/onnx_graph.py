@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..curves import Curve, default_num_basis
 from ..errors import ResodeError
 from ..fields import ConvField, Field, LinearField, MLPField, ResBlockField
-from ..network import ODEBlock, ODENet
+from ..network import ODEBlock, ODENet, normalization
 from ..resnet import ConvAffine
 from ..schemes import ButcherTableau, ReversibleHeun, get_scheme, stage_grid
 
@@ -173,6 +173,10 @@ def _conv_affine(g: GraphBuilder, x: str, layer: ConvAffine) -> str:
 
 
 def emit_stem(g: GraphBuilder, model: ODENet, x: str) -> str:
+    norm = normalization(model.config)
+    if norm is not None:  # the recorded input normalization, as a prefix of the graph
+        x = g.op("Div", [g.op("Sub", [x, g.const(norm[0].numpy().astype(np.float32), "mean")]),
+                         g.const(norm[1].numpy().astype(np.float32), "std")])
     if model.config.arch == "resnet":
         x = g.op("Relu", [_conv_affine(g, x, model.stem.conv)])
         if model.stem.kernel == 3:  # the small-image stem: no maxpool

@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ..network import ODENet
+from ..network import ODENet, normalization
 from ..schemes import solve, stage_grid
 
 
@@ -27,6 +27,11 @@ class FrozenODENet(nn.Module):
         self.transitions = copy.deepcopy(model.transitions)
         self.head = copy.deepcopy(model.head)
         self.order = model.order()
+        norm = normalization(model.config)
+        self.normalized = norm is not None
+        if norm is not None:
+            self.register_buffer("input_mean", norm[0].float())
+            self.register_buffer("input_std", norm[1].float())
         self.plan = []
         for i, block in enumerate(model.blocks):
             times, _ = stage_grid(block.scheme, block.depth)
@@ -39,6 +44,8 @@ class FrozenODENet(nn.Module):
             self.plan.append((block.field, block.scheme, block.depth, names))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.normalized:
+            x = (x - self.input_mean) / self.input_std
         x = self.stem(x)
         for kind, i in self.order:
             if kind == "transition":

@@ -1,0 +1,65 @@
+"""--normalize: recorded in the checkpoint, applied before the stem in PyTorch and in every exported graph."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from resode_export.errors import ResodeError
+from resode_export.export import export_model
+from resode_export.io import load_checkpoint, save_checkpoint
+from resode_export.network import ODENet, ODENetConfig
+
+from .helpers import run_cli
+
+
+def test_normalization_is_applied_before_the_stem_and_round_trips(tmp_path):
+    plain = ODENet(ODENetConfig(arch="conv", in_shape=(3, 8, 8), widths=(8,), depths=(3,), groups=4), seed=1)
+    config = ODENetConfig(**{**plain.config.to_dict(), "normalize": (0.5, 0.4, 0.3, 0.2, 0.25, 0.5)})
+    normed = ODENet(config, seed=1)
+    normed.load_state_dict(plain.state_dict())
+    x = torch.rand(4, 3, 8, 8)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]).reshape(3, 1, 1), torch.tensor([0.2, 0.25, 0.5]).reshape(3, 1, 1)
+    assert torch.allclose(normed(x), plain((x - mean) / std), atol=1e-6)
+    path = save_checkpoint(tmp_path / "n.safetensors", normed)
+    loaded, _ = load_checkpoint(path)
+    assert loaded.config.normalize == config.normalize and torch.equal(loaded(x), normed(x))
+    for fmt, kw in (("onnx", {}), ("onnx", {"dynamic_depth": True}), ("pt2", {}), ("torchscript", {})):
+        suffix = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}[fmt]
+        result = export_model(loaded, fmt, tmp_path / f"n-{len(kw)}{suffix}", **kw)
+        assert result["max_rel_deviation"] < 1e-5, (fmt, kw, result)
+    graph = onnx.load(str(tmp_path / "n-0.onnx"))
+    assert [n.op_type for n in graph.graph.node[:2]] == ["Sub", "Div"]
+
+
+def test_one_pair_applies_to_every_channel_and_bad_values_are_refused():
+    cfg = ODENetConfig(arch="conv", in_shape=(3, 8, 8), widths=(8,), depths=(2,), groups=4, normalize=(0.5, 2.0))
+    assert cfg.normalize == (0.5, 0.5, 0.5, 2.0, 2.0, 2.0)
+    for bad in ((0.1, 0.2, 0.3), (0.0, 0.0), (0.0, float("nan")), (1, 2, 3, 4)):
+        with pytest.raises(ResodeError, match="--normalize"):
+            ODENetConfig(arch="conv", in_shape=(3, 8, 8), widths=(8,), depths=(2,), groups=4, normalize=bad)
+
+
+def test_cli_train_records_normalization_and_refuses_a_wrong_channel_count(capsys, tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, size=(60, 1, 8, 8)).astype(np.uint8)
+    y = np.arange(60) % 3
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=x[:40], y_train=y[:40], x_test=x[40:], y_test=y[40:])
+    out = tmp_path / "m.safetensors"
+    code, _, err = run_cli(capsys, "train", "--arch", "conv", "--width", "8", "--depth", "2", "--data", data,
+                           "--normalize", "0.4,0.3", "--epochs", "1", "--out", out)
+    assert code == 0, err
+    model, _ = load_checkpoint(out)
+    assert model.config.normalize == (0.4, 0.3)
+    code, stdout, err = run_cli(capsys, "convert", out, "--depth", "4", "--json")
+    assert code == 0 and json.loads(stdout)["source_accuracy"] is not None, err
+    out2 = tmp_path / "m2.safetensors"
+    for value, words in (("0.1,0.2,0.3,0.4", "1 channel"), ("a,b", "numbers"), ("0.5,0", "positive")):
+        code, _, err = run_cli(capsys, "train", "--arch", "conv", "--width", "8", "--depth", "2", "--data", data,
+                               "--normalize", value, "--epochs", "1", "--out", out2)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+        assert not out2.exists()
+    code, _, err = run_cli(capsys, "convert", out, "--normalize", "0.1,0.2", "--out", out2)
+    assert code == 2 and "keeps the normalization" in err and not out2.exists()
