@@ -285,24 +285,11 @@ def train(
 ):
     """Train an ODENet (from a smooth-in-depth start) or fine-tune a checkpoint."""
     from .cards import write_model_card
-    from .convert import (
-        apply_normalize,
-        dataset_for,
-        fit_input,
-        is_foreign,
-        load_model,
-        parse_depths,
-        parse_input_size,
-        parse_normalize,
-        resolve_model,
-    )
-    from .data import data_warning, load_data
-    from .io import load_checkpoint, save_checkpoint
-    from .network import ODENet
-    from .network import untie as untie_model
-    from .newmodel import new_config
-    from .resources import check_training
-    from .robust import parse_depth_choices, parse_schemes
+    from .convert import parse_input_size, parse_normalize
+    from .data import data_warning
+    from .io import save_checkpoint
+    from .newmodel import training_model
+    from .robust import parse_schemes
     from .train import TrainOptions, is_writer
     from .train import train as run_training
 
@@ -321,42 +308,12 @@ def train(
     elif untie and not resume:
         raise ResodeError("--untie fine-tunes a tied checkpoint: give it as MODEL (resode train MODEL --untie)")
     scheme_list = parse_schemes(schemes) if schemes is not None else None
-    size = parse_input_size(input_size)
-    norm = parse_normalize(normalize)
-
-    def own_data(net, header):  # --data, else the checkpoint's data set; digits as images for an image model
-        loaded = load_data(data, data_dir, input_size=size) if data else dataset_for(header, input_size=size)
-        return _as_images(loaded, len(net.config.in_shape) == 3)
-
-    if resume:  # the run's own model and data; its checkpoint carries them
-        if not out.is_file():
-            raise ResodeError(f"nothing to resume: no such file: {str(out)!r}")
-        net, header = load_checkpoint(out)
-        dataset = own_data(net, header)
-        choices = parse_depth_choices(depths, net.config.depths) if depths is not None else None
-    elif model is not None:  # fine-tuning; an imported ResNet keeps BatchNorm as a trainable frozen affine
-        foreign = is_foreign(resolve_model(model))
-        net, header, _ = load_model(model, bn="frozen" if foreign else None)
-        net = apply_normalize(net, norm, foreign)
-        dataset = own_data(net, header)
-        net = fit_input(net, dataset)
-        native = parse_depths(depth, None, net.config.depths)
-        if untie:
-            net = untie_model(net.discretize(native))
-        choices = parse_depth_choices(depths, native) if depths is not None else None
-        new_scheme = scheme.value if scheme else (scheme_list[0] if scheme_list else None)
-        net = net.discretize(native, new_scheme, grad=method or net.config.grad)
-    else:
-        flat = load_data(data or "digits", data_dir, input_size=size)
-        dataset = _as_images(flat, arch.value != "mlp")
-        config, choices = new_config(
-            arch.value, dataset.in_shape, dataset.num_classes, width, depth, depths, knots, stem_stride,
-            scheme and scheme.value, scheme_list, init.value == "tied", hidden=hidden, activation=activation.value,
-            interp=interp.value, grad=method or "backprop", normalize=norm)
-        check_training(config)  # before any allocation
-        if dataset is not flat:
-            print("note: a conv model takes digits as (1, 8, 8) images (data set digits-images)", file=sys.stderr)
-        net = ODENet(config, init="iid" if init.value == "iid" else "smooth", seed=seed)
+    net, dataset, choices = training_model(
+        model, resume=resume, out=out, data=data, data_dir=data_dir, input_size=parse_input_size(input_size),
+        normalize=parse_normalize(normalize), depth=depth, depths=depths, scheme=scheme and scheme.value,
+        schemes=scheme_list, grad=method, untie=untie, arch=arch.value, width=width, knots=knots,
+        stem_stride=stem_stride, init=init.value, hidden=hidden, activation=activation.value, interp=interp.value,
+        seed=seed)
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer.value,
                            schedule=schedule.value, weight_decay=weight_decay, seed=seed, device=device.value,
                            skip_nonfinite=skip_nonfinite, depths=choices, schemes=scheme_list, warmup=warmup,
@@ -697,7 +654,8 @@ def inspect(
             f"imported ({imported.get('layout', 'a torchvision-style ResNet')}): ResNets trained as "
             "ResNets are usually rough in depth (Sander et al. 2022), their blocks unrelated steps of no single "
             "ODE, so expect 'not ODE-like' (or 'cannot judge', with one step a stage); to make one "
-            "re-discretizable, convert it with --interp smooth and fine-tune it (resode train MODEL)")
+            "re-discretizable without losing its function, distil it: resode distill MODEL --data D (a weight-space "
+            "fit, convert --interp smooth, loses most of its accuracy)")
     result["seconds"] = round(time.perf_counter() - start, 3)
     if as_json:
         print(json.dumps(result))
@@ -718,13 +676,6 @@ def inspect(
     print(result["verdict"])
     if result.get("note"):
         print(f"note: {result['note']}")
-
-
-def _as_images(dataset, images: bool):
-    """digits-images in place of the flat digits for a model that takes images (the same samples, 1×8×8)."""
-    from .data import load_data
-
-    return load_data("digits-images") if images and dataset.name == "digits" else dataset
 
 
 def _given(ctx: typer.Context, *names: str) -> list[str]:

@@ -26,6 +26,7 @@ DATASETS = ("digits", "digits-images", "fashion-mnist")
 NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 NPZ_PIXEL_SCALES = {"uint8": 255, "uint16": 65535}  # integer pixels in an .npz are divided by these
 WARN_ABS, WARN_PEAK, WARN_NONNEGATIVE = 20.0, 1000.0, 2.0  # data_warning's thresholds
+UNLABELLED = -1  # the label of a sample that has none (distillation's unlabelled .npz)
 MAX_CLASSES = 100_000  # a label beyond this is a mistake, not a class: the head would not fit in memory
 
 
@@ -142,10 +143,12 @@ def fashion_mnist(folder: str | os.PathLike | None = None, name: str = "fashion-
     return ds
 
 
-def npz(path: str | os.PathLike) -> Dataset:
+def npz(path: str | os.PathLike, unlabelled_ok: bool = False) -> Dataset:
     """A ``.npz`` file with arrays ``x_train, y_train, x_test, y_test`` (read without pickle).
 
     Pixels stored as uint8 are divided by 255, uint16 by 65535; other numbers are taken as stored.
+    With ``unlabelled_ok`` (distillation) ``x_train, x_test`` alone are enough: the labels are then -1,
+    for the caller to fill (with the teacher's predictions).
     """
     try:
         loaded = np.load(path, allow_pickle=False)
@@ -161,6 +164,9 @@ def npz(path: str | os.PathLike) -> Dataset:
         text = one_line(str(exc))
         raise ResodeError(f"cannot read {str(path)!r} as .npz ({text}); give an .npz of numeric arrays x_train, "
                           "y_train, x_test, y_test") from None
+    if unlabelled_ok and "x_train" in arrays and "x_test" in arrays and not {"y_train", "y_test"} & set(arrays):
+        arrays["y_train"] = np.full(len(arrays["x_train"]), UNLABELLED, dtype=np.int64)
+        arrays["y_test"] = np.full(len(arrays["x_test"]), UNLABELLED, dtype=np.int64)
     missing = [k for k in NPZ_ARRAYS if k not in arrays]
     if missing:
         raise ResodeError(f"{str(path)!r} lacks the array(s) {', '.join(missing)}; it needs x_train, y_train, x_test, "
@@ -169,7 +175,8 @@ def npz(path: str | os.PathLike) -> Dataset:
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim < 2 or y.ndim != 1 or len(x) == 0:
             raise ResodeError(f"{str(path)!r}: x_{split} must be (samples, features...) and y_{split} (samples,), non-empty")
-        if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
+        if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (y < UNLABELLED).any() or (
+                not unlabelled_ok and (y < 0).any()):
             raise ResodeError(f"{str(path)!r}: x_{split} and y_{split} must have the same length, labels integers >= 0")
         if y.max() >= MAX_CLASSES:
             raise ResodeError(f"{str(path)!r}: y_{split} has label {y.max()}; labels must be below {MAX_CLASSES} "
@@ -219,7 +226,8 @@ def is_idx_folder(folder: Path) -> bool:
                for p in folder.iterdir())
 
 
-def load_data(name: str, data_dir: str | os.PathLike | None = None, input_size: tuple[int, int] | None = None) -> Dataset:
+def load_data(name: str, data_dir: str | os.PathLike | None = None, input_size: tuple[int, int] | None = None,
+              unlabelled_ok: bool = False) -> Dataset:
     """``digits`` (flat) or ``digits-images``, ``fashion-mnist`` (from ``data_dir`` if given), a folder of
     MNIST-style IDX files, a folder of images (:mod:`resode_export.images`), or a .npz.
 
@@ -245,6 +253,6 @@ def load_data(name: str, data_dir: str | os.PathLike | None = None, input_size: 
     if name.endswith(".npz"):
         if not Path(name).is_file():
             raise ResodeError(f"no such file: {name!r}")
-        return npz(Path(name).resolve())
+        return npz(Path(name).resolve(), unlabelled_ok)
     raise ResodeError(f"unknown data set {name!r}; use one of {', '.join(DATASETS)}, a folder of images or IDX files, "
                       "or a .npz")

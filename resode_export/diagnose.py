@@ -187,8 +187,8 @@ def inspect_model(model: ODENet, x: Tensor, tolerance: float = 0.05, max_depth: 
         if far:
             why.append("hidden states are far from the limit ODE ("
                        + ", ".join(f"stage {s['stage']}: {s['distance_to_limit_ode']:.2f}" for s in far) + ")")
-        verdict = ("not ODE-like: " + "; ".join(why) + "; re-discretization will change the outputs — fine-tune "
-                   "from a smooth initialization or convert with --interp smooth")
+        verdict = ("not ODE-like: " + "; ".join(why) + "; re-discretization will change the outputs — distil it "
+                   "into a smooth student (resode distill), or train with --depths")
     return {"stages": stages, "ode_like": ode_like, "verdict": verdict, "min_depth": min_depth,
             "tolerance": tolerance, "convergence_order": orders, "native_deviation_from_limit": native_dev,
             "reference": f"{REFERENCE_SCHEME} at {REFERENCE_FACTOR}x the depth", "samples": len(x),

@@ -167,7 +167,7 @@ def _teacher_and_data(teacher: str | None, data: str | None, source: str, input_
     net, header, path = load_model(teacher, source, size, bn)
     net = apply_normalize(net, norm, bool(header.get("imported")))
     if data:
-        dataset = load_data(data, input_size=size)
+        dataset = load_data(data, input_size=size, unlabelled_ok=True)
     elif header.get("imported"):
         raise ResodeError(f"{path.name} is a state dict with no data set: give --data (its inputs; labels optional "
                           "with --label-weight 0)")
@@ -175,7 +175,12 @@ def _teacher_and_data(teacher: str | None, data: str | None, source: str, input_
         dataset = dataset_for(header)
     net = fit_input(net, dataset)
     check_samples(dataset.in_shape, net.config.in_shape, data="--data", model="the teacher")
-    return net.float().eval(), header, path, dataset
+    net = net.float().eval()
+    unlabelled = bool((dataset.y_train < 0).any() or (dataset.y_test < 0).any())
+    if unlabelled:  # an unlabelled .npz: the teacher's predictions stand in for labels
+        dataset.y_train, dataset.y_test = (predict(net, x).argmax(1) for x in (dataset.x_train, dataset.x_test))
+        dataset.split += "; no labels in the file: the teacher's predictions stand in (accuracy = agreement)"
+    return net, header, path, dataset, unlabelled
 
 
 def run_distillation(teacher: str | None, *, data: str | None, knots: str | None, depths: str, schemes: str,
@@ -201,7 +206,9 @@ def run_distillation(teacher: str | None, *, data: str | None, knots: str | None
     from .train import TrainOptions, is_writer, resolve_device, train
 
     start = time.perf_counter()
-    net, header, path, dataset = _teacher_and_data(teacher, data, source, input_size, bn, normalize)
+    net, header, path, dataset, unlabelled = _teacher_and_data(teacher, data, source, input_size, bn, normalize)
+    if unlabelled:
+        label_weight = 0.0  # the logits carry all there is to learn
     if local_epochs >= epochs:
         raise ResodeError(f"--local-epochs {local_epochs} leaves no end-to-end epoch of --epochs {epochs}; "
                           "give more --epochs or fewer --local-epochs")

@@ -1,4 +1,5 @@
-"""What ``resode train`` builds when no model is given: defaults that learn in a few epochs.
+"""What ``resode train`` trains: a new model (with defaults that learn in a few epochs), a checkpoint or
+import to fine-tune, or the run to resume; with its data and its depth-robust choices.
 
 Measured on digits (mlp, depth 64, heun, 5 epochs): Adam at 1e-3 with batch 128 ends at 66.7 %
 (55 optimizer steps); at 1e-2 with batch 32 and a 5 % warm-up, 96.2 % with backprop and with the
@@ -8,8 +9,13 @@ channels and a stride-2 stem on images of 16 pixels or more, which keeps a CPU e
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+from .data import Dataset, load_data
 from .errors import ResodeError
-from .network import ODENetConfig
+from .network import ODENet, ODENetConfig
+from .network import untie as untie_model
 from .robust import parse_depth_choices
 
 DEFAULT_DEPTH = 32
@@ -68,4 +74,52 @@ def new_config(arch: str, in_shape: tuple[int, ...], num_classes: int, width: st
     return config, choices
 
 
-__all__ = ["DEFAULT_WIDTHS", "int_list", "new_config", "per_stage"]
+def as_images(dataset: Dataset, images: bool) -> Dataset:
+    """digits-images in place of the flat digits for a model that takes images (the same samples, 1×8×8)."""
+    return load_data("digits-images") if images and dataset.name == "digits" else dataset
+
+
+def training_model(model: str | None, *, resume: bool, out: Path, data: str | None, data_dir, input_size,
+                   normalize, depth: str | None, depths: str | None, scheme: str | None, schemes: list[str] | None,
+                   grad: str | None, untie: bool, arch: str, width: str | None, knots: str | None,
+                   stem_stride: int | None, init: str, hidden: int, activation: str, interp: str,
+                   seed: int) -> tuple[ODENet, Dataset, list[list[int]] | None]:
+    """(model, data, depth-robust choices) of a ``resode train`` run: resumed (``out``'s own), fine-tuned
+    (``model``; an imported ResNet keeps BatchNorm as a trainable frozen affine) or new."""
+    from .convert import apply_normalize, dataset_for, fit_input, is_foreign, load_model, parse_depths, resolve_model
+    from .io import load_checkpoint
+    from .resources import check_training
+
+    def own_data(net, header):  # --data, else the checkpoint's data set; digits as images for an image model
+        loaded = load_data(data, data_dir, input_size=input_size) if data else dataset_for(header, input_size)
+        return as_images(loaded, len(net.config.in_shape) == 3)
+
+    if resume:  # the run's own model and data; its checkpoint carries them
+        if not out.is_file():
+            raise ResodeError(f"nothing to resume: no such file: {str(out)!r}")
+        net, header = load_checkpoint(out)
+        return net, own_data(net, header), parse_depth_choices(depths, net.config.depths) if depths is not None else None
+    if model is not None:
+        foreign = is_foreign(resolve_model(model))
+        net, header, _ = load_model(model, bn="frozen" if foreign else None)
+        net = apply_normalize(net, normalize, foreign)
+        dataset = own_data(net, header)
+        net = fit_input(net, dataset)
+        native = parse_depths(depth, None, net.config.depths)
+        if untie:
+            net = untie_model(net.discretize(native))
+        choices = parse_depth_choices(depths, native) if depths is not None else None
+        new_scheme = scheme or (schemes[0] if schemes else None)
+        return net.discretize(native, new_scheme, grad=grad or net.config.grad), dataset, choices
+    flat = load_data(data or "digits", data_dir, input_size=input_size)
+    dataset = as_images(flat, arch != "mlp")
+    config, choices = new_config(arch, dataset.in_shape, dataset.num_classes, width, depth, depths, knots, stem_stride,
+                                 scheme, schemes, init == "tied", hidden=hidden, activation=activation, interp=interp,
+                                 grad=grad or "backprop", normalize=normalize)
+    check_training(config)  # before any allocation
+    if dataset is not flat:
+        print("note: a conv model takes digits as (1, 8, 8) images (data set digits-images)", file=sys.stderr)
+    return ODENet(config, init="iid" if init == "iid" else "smooth", seed=seed), dataset, choices
+
+
+__all__ = ["DEFAULT_WIDTHS", "as_images", "int_list", "new_config", "per_stage", "training_model"]

@@ -152,3 +152,41 @@ def test_cli_distill_bad_input(capsys, tmp_path, teacher_file):
     (tmp_path / "garbage.pth").write_bytes(b"not a torch file")
     code, _, err = run_cli(capsys, "distill", tmp_path / "garbage.pth", "--data", "digits-images", "--out", out)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("phase", [0, 1], ids=["stage-local", "end-to-end"])
+def test_the_memory_saving_gradient_methods_distil_like_backprop(teacher_file, phase):
+    """The exact low-memory method gives backprop's gradients of both distillation losses; the adjoint runs."""
+    teacher = _teacher(teacher_file).double()
+    x, y = digits(images=True).x_train[:16].double(), digits(images=True).y_train[:16]
+    objective = Distillation(teacher, temperature=2.0, label_weight=0.5, local_epochs=1)
+    grads = {}
+    for grad in ("backprop", "symplectic", "adjoint"):
+        student = make_student(teacher, knots=(1, 2)).discretize(grad=grad)
+        with student.solving_at([2, 5], "heun"):
+            loss, _ = objective(student, x, y, epoch=phase)
+            loss.backward()
+        grads[grad] = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+        assert torch.isfinite(grads[grad]).all()
+    assert torch.allclose(grads["symplectic"], grads["backprop"], rtol=1e-9, atol=1e-12)
+    assert not torch.equal(grads["adjoint"], grads["backprop"])  # approximate, on these rough weights
+
+
+def test_cli_distills_from_unlabelled_inputs(capsys, tmp_path, teacher_file):
+    import numpy as np
+
+    data = digits(images=True)
+    unlabelled = tmp_path / "x.npz"
+    np.savez(unlabelled, x_train=data.x_train.numpy(), x_test=data.x_test.numpy())  # no y arrays at all
+    out = tmp_path / "u.safetensors"
+    code, stdout, err = run_cli(capsys, "distill", teacher_file, "--data", unlabelled, "--input-size", "8", "--epochs",
+                                "2", "--depths", "1x", "--schemes", "euler", "--out", out, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["teacher_accuracy"] == 1.0  # against its own predictions: accuracy is agreement
+    _, header = load_checkpoint(out)
+    assert "teacher's predictions stand in" in header["data"]["split"]
+    assert header["training"]["objective"]["distillation"]["label_weight"] == 0.0
+    code, _, err = run_cli(capsys, "train", "--data", unlabelled, "--arch", "conv", "--epochs", "1",
+                           "--out", tmp_path / "t.safetensors")
+    assert code == 2 and "lacks the array(s) y_train, y_test" in err, err

@@ -45,7 +45,7 @@ def test_iid_weights_are_rough_and_not_ode_like():
     assert stage["max_relative_jump"] > 0.5 and stage["roughness_max"] > 10
     assert not report["ode_like"]
     assert report["verdict"].startswith("not ODE-like: weights are rough in depth")
-    assert "--interp smooth" in report["verdict"]
+    assert "resode distill" in report["verdict"]
 
 
 def test_smoothness_grows_with_depth_only_for_iid_weights():

@@ -63,3 +63,42 @@ def test_cli_train_records_normalization_and_refuses_a_wrong_channel_count(capsy
         assert not out2.exists()
     code, _, err = run_cli(capsys, "convert", out, "--normalize", "0.1,0.2", "--out", out2)
     assert code == 2 and "keeps the normalization" in err and not out2.exists()
+
+
+def test_cli_image_folders_train_and_bad_folders_are_one_line(capsys, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog", "eel"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, size=(10, 12), dtype=np.uint8)).save(root / c / f"{i}.png")
+    out = tmp_path / "m.safetensors"
+    code, stdout, err = run_cli(capsys, "train", "--arch", "conv", "--width", "8", "--depth", "2", "--data", root,
+                                "--input-size", "8", "--epochs", "1", "--out", out, "--json")
+    assert code == 0, err
+    model, header = load_checkpoint(out)
+    assert model.config.in_shape == (1, 8, 8) and header["data"]["classes"] == ["cat", "dog", "eel"]
+    empty, single = tmp_path / "empty", tmp_path / "single"
+    empty.mkdir()
+    (single / "only").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(single / "only" / "a.png")
+    for folder, words in ((empty, "no images"), (single, "one class")):
+        code, _, err = run_cli(capsys, "train", "--arch", "conv", "--data", folder, "--epochs", "1",
+                               "--out", tmp_path / "x.safetensors")
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_warns_when_float_data_look_unnormalized(capsys, tmp_path):
+    x = np.random.default_rng(0).uniform(0, 255, size=(60, 16)).astype(np.float32)
+    y = np.arange(60) % 2
+    data = tmp_path / "raw.npz"
+    np.savez(data, x_train=x[:40], y_train=y[:40], x_test=x[40:], y_test=y[40:])
+    code, _, err = run_cli(capsys, "train", "--data", data, "--width", "8", "--depth", "2", "--epochs", "1",
+                           "--out", tmp_path / "m.safetensors")
+    assert code == 0 and "warning:" in err and "--normalize" in err, err
+    code, _, err = run_cli(capsys, "train", "--data", data, "--width", "8", "--depth", "2", "--epochs", "1",
+                           "--normalize", "127,73", "--out", tmp_path / "n.safetensors")
+    assert code == 0 and "warning:" not in err, err

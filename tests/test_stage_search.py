@@ -143,3 +143,18 @@ def test_samples_of_the_wrong_shape_are_refused():
     data.x_test = data.x_test[:, :5]
     with pytest.raises(ResodeError, match="expects"):
         search_stage_depths(model, data, TOLERANCE, repeats=3)
+
+
+def test_cli_stage_search_prints_the_depths_for_export(capsys, tmp_path):
+    from .helpers import run_cli
+
+    code, stdout, err = run_cli(capsys, "check", "digits-mlp", "--stage-search", "--repeats", "3", "--limit", "100",
+                                "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["start_depths"] == [16] and result["tried"][0]["depths"] == [16]
+    assert len(result["recommended"]["depths"]) == 1 and result["recommended"]["depths"][0] <= 16
+    code, stdout, err = run_cli(capsys, "check", "digits-mlp", "--stage-search", "--repeats", "3", "--limit", "100")
+    assert code == 0 and "recommended: --depth" in stdout, err
+    code, _, err = run_cli(capsys, "check", "digits-mlp", "--stage-search", "--plot", tmp_path / "p.png")
+    assert code == 2 and "--stage-search" in err and not (tmp_path / "p.png").exists()
