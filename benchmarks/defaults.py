@@ -29,7 +29,8 @@ FASHION = Path(os.environ.get("RESODE_FASHION_MNIST", "/usr/share/datasets/fashi
 
 
 def _idx(name: str) -> np.ndarray:
-    raw = gzip.open(FASHION / f"{name}.gz").read()
+    with gzip.open(FASHION / f"{name}.gz") as fh:
+        raw = fh.read()
     dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * raw[3]).reshape(dims)
 

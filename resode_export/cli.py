@@ -145,6 +145,8 @@ def convert(
         compare,
         dataset_for,
         fit_input,
+        image_size,
+        is_foreign,
         load_model,
         parse_depths,
         parse_input_size,
@@ -159,7 +161,7 @@ def convert(
         _checkpoint_out(out, "convert")
     norm = parse_normalize(normalize)
     source, header, path = load_model(model, source_arch.value, parse_input_size(input_size), bn and bn.value)
-    source = apply_normalize(source, norm, bool(_import_record(header)))
+    source = apply_normalize(source, norm, is_foreign(path))
     if out is not None and out.resolve() == path.resolve():
         raise ResodeError(f"--out {str(out)!r} is the model being converted; write the converted one to another file")
     if n_basis is not None and (interp.value if interp else source.config.interp) != "smooth":
@@ -168,7 +170,7 @@ def convert(
     new_scheme = scheme.value if scheme else source.config.scheme
     imported = _import_record(header)
     if data:
-        data = load_data(data)
+        data = load_data(data, input_size=image_size(source))
         fit_input(source, data)
     else:
         data = None if imported else dataset_for(header)
@@ -285,7 +287,7 @@ def train(
 ):
     """Train an ODENet (from a smooth-in-depth start) or fine-tune a checkpoint."""
     from .cards import write_model_card
-    from .convert import parse_input_size, parse_normalize
+    from .convert import parse_input_size, parse_normalize, resolve_model
     from .data import data_warning
     from .io import save_checkpoint
     from .newmodel import training_model
@@ -294,6 +296,7 @@ def train(
     from .train import train as run_training
 
     _checkpoint_out(out, "train")
+    _distinct_outputs(out, log, {"MODEL": None if resume or model is None else resolve_model(model), "--data": data})
     if adjoint and grad not in (None, GradName.adjoint):
         raise ResodeError(f"--adjoint conflicts with --grad {grad.value}; give one of them")
     method = "adjoint" if adjoint else (grad.value if grad else None)
@@ -324,9 +327,7 @@ def train(
     log_path = log if log is not None else out.with_name(out.stem + ".log.jsonl")
     if log is not None:
         check_output_path(log)  # a resumed run's own log is checked against its training state
-    if not resume and log_path.exists() and is_writer():
-        log_path.unlink()  # a new run starts a new log
-    net, record = run_training(net, dataset, options, out=out, resume=resume, log=log_path)
+    net, record = run_training(net, dataset, options, out=out, resume=resume, log=log_path, new_log=True)
     record["training"]["init"] = "fine-tuned from " + str(model) if model else init.value
     command = "resode " + shlex.join(_invocation)
     if not is_writer():
@@ -390,11 +391,13 @@ def distill(
     as_json: JsonOpt = False,
 ):
     """Distil a trained ResNet into a student whose weights are a smooth curve, accurate across depths."""
+    from .convert import resolve_model
     from .distill import run_distillation
 
     _checkpoint_out(out, "distill")
     if log is not None:
         check_output_path(log)
+    _distinct_outputs(out, log, {"TEACHER": resolve_model(teacher), "--data": data})
     result = run_distillation(
         teacher, data=data, knots=knots, depths=depths, schemes=schemes, epochs=epochs, local_epochs=local_epochs,
         batch_size=batch_size, lr=lr, warmup=warmup, augment=augment, clip_grad=clip_grad,
@@ -515,7 +518,7 @@ def check(
     """Accuracy, deviation from PyTorch and onnxruntime latency against depth × scheme; recommends the cheapest."""
     from .check import check_model, check_onnx
     from .check import plot as draw
-    from .convert import dataset_for, fit_input, load_model
+    from .convert import dataset_for, fit_input, image_size, load_model
     from .data import load_data
     from .evaluate import progress_bar
     from .export import require_onnx
@@ -534,6 +537,9 @@ def check(
         raise ResodeError("--schemes is empty; give a comma list such as euler,heun,rk4")
     if model is not None and model.lower().endswith(".onnx"):
         path = Path(model)
+        if stage_search:
+            raise ResodeError("--stage-search exports graphs at each per-stage depth, so it needs the model: give the "
+                              ".safetensors checkpoint the .onnx file was exported from")
         if not path.is_file():
             raise ResodeError(f"{path} does not exist; give a .onnx file from resode export")
         from .check import _onnx_metadata
@@ -553,7 +559,7 @@ def check(
             result = check_onnx(path, load_data(name), depth_list, tolerance, repeats, limit, progress=bar)
     else:
         source, header, path = load_model(model)
-        dataset = load_data(data) if data else dataset_for(header)
+        dataset = load_data(data, input_size=image_size(source)) if data else dataset_for(header)
         source = fit_input(source, dataset)
         if stage_search:
             _stage_search(ctx, source, dataset, scheme_list, tolerance, repeats, limit, path, as_json)
@@ -628,7 +634,7 @@ def inspect(
     as_json: JsonOpt = False,
 ):
     """Is this ResNet ODE-like? Smoothness in depth, distance to its limit ODE, convergence, safe depths."""
-    from .convert import dataset_for, fit_input, load_model, parse_input_size, probe_inputs
+    from .convert import dataset_for, fit_input, image_size, load_model, parse_input_size, probe_inputs
     from .data import load_data
     from .diagnose import inspect_model
     from .evaluate import progress_bar
@@ -639,7 +645,7 @@ def inspect(
     net, header, path = load_model(model, input_size=parse_input_size(input_size), bn=bn and bn.value)
     imported = _import_record(header)
     if data or not imported:
-        dataset = load_data(data) if data else dataset_for(header)
+        dataset = load_data(data, input_size=image_size(net)) if data else dataset_for(header)
         net = fit_input(net, dataset)
         x = dataset.x_test[:limit]
     else:  # an import carries no data set: how ODE-like it is does not need labels
@@ -682,6 +688,15 @@ def _given(ctx: typer.Context, *names: str) -> list[str]:
     """The options among ``names`` that the command line gave (not their defaults), as --flags."""
     return [f"--{name.replace('_', '-')}" for name in names
             if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+
+
+def _distinct_outputs(out: Path, log: Path | None, inputs: dict) -> None:
+    """--out, its training state and log (given or beside it) must not be an input or one another."""
+    from .io import check_distinct
+    from .train import state_path
+
+    check_distinct({"--out": out, "--log": log if log is not None else out.with_name(out.stem + ".log.jsonl"),
+                    "the training state": state_path(out)}, inputs)
 
 
 def _checkpoint_out(out: Path, command: str) -> None:

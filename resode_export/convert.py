@@ -197,6 +197,12 @@ def parse_depths(depth: str | int | None, depth_scale: float | None, native: tup
     return tuple(check_depth(d) for d in depths)
 
 
+def image_size(net: ODENet) -> tuple[int, int] | None:
+    """(height, width) of an image model's inputs: the size an image folder is read at for it."""
+    shape = net.config.in_shape
+    return (shape[1], shape[2]) if len(shape) == 3 else None
+
+
 def dataset_for(header: dict, input_size: tuple[int, int] | None = None) -> Dataset:
     """The data set a checkpoint was trained on, from its header.
 

@@ -49,12 +49,17 @@ def fit_curve(block: ODEBlock, num_knots: int, interp: str = STUDENT_INTERP) -> 
     """The K-knot curve (``interp``) closest in least squares to the block's weights at its native steps.
 
     The teacher's step n at depth N uses θ(n/N); the fit solves min_W ‖B W − Θ‖ with B (N × K) the
-    interpolation's weights at t_n = n/N. With K = N the fit passes through every step's weights.
+    interpolation's weights at t_n = n/N. With K ≥ N the knots are the teacher's curve at t_k = k/K
+    (with K = N, every step's weights).
     """
     if num_knots < 1:
         raise ResodeError(f"--knots must be at least 1, got {num_knots}")
     n = block.depth
     ts = np.arange(n) / n
+    if num_knots >= n:  # as many knots as steps or more: the teacher's own curve at the new knots' times
+        with torch.no_grad():
+            return Curve({k: v.clone() for k, v in block.curve.sample(np.arange(num_knots) / num_knots).items()},
+                         interp)
     with torch.no_grad():
         theta = block.curve.sample(ts)  # name → (N, *shape)
         basis = torch.from_numpy(INTERPOLATIONS[interp](ts * num_knots, num_knots))  # (N, K), float64
@@ -160,15 +165,26 @@ def depth_rows(student: ODENet, teacher: ODENet, data: Dataset, depths: list[lis
 
 def _teacher_and_data(teacher: str | None, data: str | None, source: str, input_size, bn: str | None,
                       normalize: str | None):
-    from .convert import apply_normalize, dataset_for, fit_input, load_model, parse_input_size, parse_normalize
+    from .convert import (
+        apply_normalize,
+        dataset_for,
+        fit_input,
+        image_size,
+        is_foreign,
+        load_model,
+        parse_input_size,
+        parse_normalize,
+        resolve_model,
+    )
     from .data import check_samples, load_data
 
     size, norm = parse_input_size(input_size), parse_normalize(normalize)
+    foreign = is_foreign(resolve_model(teacher))
     net, header, path = load_model(teacher, source, size, bn)
-    net = apply_normalize(net, norm, bool(header.get("imported")))
+    net = apply_normalize(net, norm, foreign).discretize(grad="backprop")  # the teacher is never trained
     if data:
-        dataset = load_data(data, input_size=size, unlabelled_ok=True)
-    elif header.get("imported"):
+        dataset = load_data(data, input_size=size or image_size(net), unlabelled_ok=True)
+    elif foreign:
         raise ResodeError(f"{path.name} is a state dict with no data set: give --data (its inputs; labels optional "
                           "with --label-weight 0)")
     else:
@@ -183,6 +199,17 @@ def _teacher_and_data(teacher: str | None, data: str | None, source: str, input_
     return net, header, path, dataset, unlabelled
 
 
+def _student(teacher: ODENet, knots: str | None, scheme: str, grad: str) -> ODENet:
+    """The student of ``--knots`` (default: native depths capped at 4), refused up front if it would not fit."""
+    from .newmodel import int_list, per_stage
+    from .resources import check_training
+
+    stages = len(teacher.config.depths)
+    knot_list = per_stage(int_list(knots, "--knots"), stages, "--knots") if knots else default_knots(teacher)
+    check_training(replace(teacher.config, knots=knot_list))  # weights, gradients, Adam: before any allocation
+    return make_student(teacher, knot_list).discretize(scheme=scheme, grad=grad)
+
+
 def run_distillation(teacher: str | None, *, data: str | None, knots: str | None, depths: str, schemes: str,
                      epochs: int, local_epochs: int, batch_size: int, lr: float, warmup: float, augment: bool,
                      clip_grad: float | None,
@@ -194,21 +221,28 @@ def run_distillation(teacher: str | None, *, data: str | None, knots: str | None
 
     Returns the result ``--json`` prints (None in a torchrun process that does not write).
     """
+    import json
+    import sys
     import time
     from pathlib import Path
 
     from .cards import write_model_card
+    from .data import data_warning
     from .evaluate import progress_bar
     from .gradients import check_compatible
-    from .io import save_checkpoint
-    from .newmodel import int_list, per_stage
+    from .io import digest, save_checkpoint
     from .robust import parse_depth_choices, parse_schemes
     from .train import TrainOptions, is_writer, resolve_device, train
 
     start = time.perf_counter()
     net, header, path, dataset, unlabelled = _teacher_and_data(teacher, data, source, input_size, bn, normalize)
-    if unlabelled:
-        label_weight = 0.0  # the logits carry all there is to learn
+    if unlabelled and label_weight and is_writer():
+        print(f"note: the data have no labels, so --label-weight {label_weight:g} is 0: the teacher's logits carry "
+              "all there is to learn", file=sys.stderr)
+    label_weight = 0.0 if unlabelled else label_weight
+    warning = data_warning(dataset) if net.config.normalize is None else None
+    if warning and is_writer():
+        print(f"warning: {warning}", file=sys.stderr)
     if local_epochs >= epochs:
         raise ResodeError(f"--local-epochs {local_epochs} leaves no end-to-end epoch of --epochs {epochs}; "
                           "give more --epochs or fewer --local-epochs")
@@ -217,16 +251,18 @@ def run_distillation(teacher: str | None, *, data: str | None, knots: str | None
     scheme_list = parse_schemes(schemes)
     for s in scheme_list:
         check_compatible(grad, s)
-    knot_list = per_stage(int_list(knots, "--knots"), len(native), "--knots") if knots else None
-    student = make_student(net, knot_list).discretize(grad=grad)
+    student = _student(net, knots, scheme_list[0], grad)
     objective = Distillation(net, temperature, label_weight, local_epochs)
+    # a resumed run must distil the same teacher into the same student (train compares the settings)
+    objective.settings["distillation"].update(
+        teacher=digest(net.state_dict(), {"normalize": json.dumps(net.config.normalize)}),
+        knots=list(student.config.knots), grad=grad)
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                            device=device, depths=choices, schemes=scheme_list, warmup=warmup, augment=augment,
                            clip_grad=clip_grad)
     log_path = Path(log) if log is not None else Path(out).with_name(Path(out).stem + ".log.jsonl")
-    if not resume and log_path.exists() and is_writer():
-        log_path.unlink()  # a new run starts a new log (as resode train does)
-    student, record = train(student, dataset, options, out=out, resume=resume, log=log_path, objective=objective)
+    student, record = train(student, dataset, options, out=out, resume=resume, log=log_path, objective=objective,
+                            new_log=True)
     if not is_writer():
         return None
     dev = resolve_device(device)

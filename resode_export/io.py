@@ -65,6 +65,31 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_distinct(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse an output path that is an input (a model, a data file) or another output: it would be destroyed.
+
+    ``outputs`` and ``inputs`` map an option's name (``--out``) to its path (None: not given).
+    """
+    def key(p):
+        try:
+            return Path(p).resolve()
+        except (OSError, RuntimeError):
+            return Path(p).absolute()
+
+    seen: dict[Path, str] = {}
+    for name, p in inputs.items():
+        if p is not None and Path(p).exists():
+            seen.setdefault(key(p), name)
+    for name, p in outputs.items():
+        if p is None:
+            continue
+        other = seen.get(key(p))
+        if other is not None:
+            raise ResodeError(f"{name} {str(p)!r} is also {other}: writing it would destroy it; give {name} another "
+                              "path")
+        seen[key(p)] = name
+
+
 def new_temporary(path: Path) -> str:
     """A new empty file beside ``path``, named as :func:`temporaries` finds it (``.NAME.PID-XXXX.tmp``)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)

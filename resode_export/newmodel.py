@@ -79,6 +79,24 @@ def as_images(dataset: Dataset, images: bool) -> Dataset:
     return load_data("digits-images") if images and dataset.name == "digits" else dataset
 
 
+def _resumed_choices(depths: str | None, depth: str | None, net: ODENet, header: dict) -> list[list[int]] | None:
+    """A resumed run's --depths, read as the run read them: factors (0.5x) scale the depths the run started from,
+    its --depth or the default for a new model, the checkpoint's own for a fine-tuned one. The run's recorded
+    choices when the text gives them either way; else the text against the checkpoint (and the resume check
+    then names the difference)."""
+    if depths is None:
+        return None
+    stages = len(net.config.depths)
+    bases = [net.config.depths,
+             per_stage(int_list(depth, "--depth"), stages, "--depth") if depth else (DEFAULT_DEPTH,) * stages]
+    recorded = (header.get("training") or {}).get("depths")
+    for base in bases:
+        choices = parse_depth_choices(depths, base)
+        if choices == recorded:
+            return choices
+    return parse_depth_choices(depths, net.config.depths)
+
+
 def training_model(model: str | None, *, resume: bool, out: Path, data: str | None, data_dir, input_size,
                    normalize, depth: str | None, depths: str | None, scheme: str | None, schemes: list[str] | None,
                    grad: str | None, untie: bool, arch: str, width: str | None, knots: str | None,
@@ -98,7 +116,7 @@ def training_model(model: str | None, *, resume: bool, out: Path, data: str | No
         if not out.is_file():
             raise ResodeError(f"nothing to resume: no such file: {str(out)!r}")
         net, header = load_checkpoint(out)
-        return net, own_data(net, header), parse_depth_choices(depths, net.config.depths) if depths is not None else None
+        return net, own_data(net, header), _resumed_choices(depths, depth, net, header)
     if model is not None:
         foreign = is_foreign(resolve_model(model))
         net, header, _ = load_model(model, bn="frozen" if foreign else None)

@@ -263,6 +263,7 @@ def train(
     log: str | os.PathLike | None = None,
     show_progress: bool = True,
     objective=None,
+    new_log: bool = False,
 ) -> tuple[ODENet, dict]:
     """Train ``model`` on ``data``; after each epoch write ``out`` (checkpoint), its optimizer state
     and a JSON line of metrics to ``log``.
@@ -270,6 +271,7 @@ def train(
     Args:
         model: a fresh or pretrained ODENet; its blocks' gradient method is ``model.config.grad``.
         resume: continue the run whose checkpoint is ``out`` (the model argument is replaced by it).
+        new_log: a new run (not ``resume``) replaces an existing ``log``, once every input has been checked.
         objective: ``objective(net, x, y, epoch) -> (summed loss, logits or None)`` of a batch; default
             :class:`CrossEntropy` (distillation passes its own). It runs at the batch's drawn depth and scheme.
     Returns:
@@ -295,6 +297,8 @@ def train(
     dev, rank, world = _distributed(resolve_device(options.device))
     if options.batch_size % world:
         raise ResodeError(f"--batch-size {options.batch_size} must be a multiple of the {world} processes")
+    if new_log and not resume and log is not None and rank == 0 and Path(log).exists():
+        Path(log).unlink()  # a new run starts a new log (checked above: nothing failed before it)
     model = model.to(dev)
     if hasattr(objective, "to"):
         objective.to(dev)

@@ -46,7 +46,7 @@ def test_convert_default_model_json(capsys):
     result = json.loads(out)  # exactly one JSON object on stdout
     assert set(result) >= JSON_KEYS
     assert result["model"].endswith("digits-mlp.safetensors")
-    assert (result["source_depth"], result["source_scheme"], result["depth"], result["scheme"]) == (32, "euler", 16,
+    assert (result["source_depth"], result["source_scheme"], result["depth"], result["scheme"]) == (16, "euler", 16,
                                                                                                     "heun")
     assert 0.9 <= result["source_accuracy"] <= 1 and 0.9 <= result["accuracy"] <= 1
     assert 0 < result["mean_rel_deviation"] <= result["max_rel_deviation"] < 1
@@ -63,7 +63,7 @@ def test_convert_at_native_depth_is_exact(capsys):
 @pytest.mark.parametrize("model", [DIGITS, FASHION], ids=["digits-mlp", "fashion-conv"])
 def test_convert_each_shipped_model_and_write_it(capsys, tmp_path, model):
     out_path = tmp_path / "converted.safetensors"
-    code, out, err = run_cli(capsys, "convert", model.stem, "--depth", "8", "--scheme", "rk4", "--interp", "cubic",
+    code, out, err = run_cli(capsys, "convert", model.stem, "--depth", "8", "--scheme", "rk4", "--interp", "constant",
                              "--limit", "200", "--out", out_path, "--json")
     assert code == 0, err
     result = json.loads(out)
@@ -71,7 +71,7 @@ def test_convert_each_shipped_model_and_write_it(capsys, tmp_path, model):
     assert result["accuracy"] > 0.5 and result["source_accuracy"] > 0.5
     converted, header = load_checkpoint(out_path)
     assert set(converted.config.depths) == {8} and converted.config.scheme == "rk4"
-    assert converted.config.interp == "cubic" and header["converted_from"]["scheme"] == "euler"
+    assert converted.config.interp == "constant" and header["converted_from"]["scheme"] == "euler"
     code, out, err = run_cli(capsys, "convert", out_path, "--limit", "200", "--json")  # the result is a model too
     assert code == 0 and json.loads(out)["source_depth"] == 8, err
 
@@ -81,12 +81,12 @@ def test_convert_table_output(capsys):
     assert code == 0, err
     for label in ("source", "converted", "source accuracy", "converted accuracy", "max rel. deviation", "wall time"):
         assert label in out
-    assert "depth 32, euler" in out and "depth 8, midpoint" in out
+    assert "depth 16, euler" in out and "depth 8, midpoint" in out
 
 
 def test_depth_lists_and_scales(capsys):
     code, out, err = run_cli(capsys, "convert", "--depth-scale", "0.5", "--json", "--limit", "50")
-    assert code == 0 and json.loads(out)["depth"] == 16, err
+    assert code == 0 and json.loads(out)["depth"] == 8, err
     code, out, err = run_cli(capsys, "convert", "--depth", "12", "--json", "--limit", "50")
     assert code == 0 and json.loads(out)["depth"] == 12, err
 

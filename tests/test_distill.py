@@ -190,3 +190,71 @@ def test_cli_distills_from_unlabelled_inputs(capsys, tmp_path, teacher_file):
     code, _, err = run_cli(capsys, "train", "--data", unlabelled, "--arch", "conv", "--epochs", "1",
                            "--out", tmp_path / "t.safetensors")
     assert code == 2 and "lacks the array(s) y_train, y_test" in err, err
+
+
+def test_distill_never_writes_over_its_inputs_and_checks_before_deleting(capsys, tmp_path, teacher_file):
+    import shutil
+
+    teacher = tmp_path / "t.pth"
+    shutil.copy(teacher_file, teacher)
+    before = teacher.read_bytes()
+    base = ["distill", teacher, "--data", "digits-images", "--input-size", "8", "--epochs", "2"]
+    for extra in (["--out", tmp_path / "t.safetensors", "--log", teacher],
+                  ["--out", tmp_path / "s.safetensors", "--log", tmp_path / "s.safetensors"],
+                  ["--out", tmp_path / "u.safetensors", "--log", teacher, "--augment"]):
+        code, _, err = run_cli(capsys, *base, *extra)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert teacher.read_bytes() == before
+    converted = tmp_path / "c.safetensors"
+    assert run_cli(capsys, "convert", teacher, "--input-size", "8", "--out", converted)[0] == 0
+    code, _, err = run_cli(capsys, "distill", converted, "--data", "digits-images", "--out", converted)
+    assert code == 2 and "would destroy it" in err, err
+    # an existing log of a new run is replaced only once every input checked out
+    log = tmp_path / "keep.log.jsonl"
+    log.write_text("mine\n")
+    code, _, err = run_cli(capsys, *base, "--knots", "0", "--out", tmp_path / "k.safetensors", "--log", log)
+    assert code == 2 and log.read_text() == "mine\n"
+
+
+def test_distill_resume_refuses_another_teacher_and_student(capsys, tmp_path, teacher_file, monkeypatch):
+    from resode_export import train as train_module
+
+    other = tmp_path / "other.pth"
+    net = _small_image_resnet(seed=1)
+    torch.save({k: v.detach() for k, v in net.state_dict().items()}, other)
+    args = ["--data", "digits-images", "--input-size", "8", "--epochs", "2", "--batch-size", "512", "--depths", "1x"]
+    out = tmp_path / "r.safetensors"
+    save_state = train_module._save_state
+
+    def interrupted(path, optimizer, meta):
+        save_state(path, optimizer, meta)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save_state", interrupted)
+    assert run_cli(capsys, "distill", teacher_file, *args, "--out", out)[0] == 130
+    monkeypatch.setattr(train_module, "_save_state", save_state)
+    for teacher, extra in ((other, []), (teacher_file, ["--knots", "1,2"]), (teacher_file, ["--grad", "symplectic"])):
+        code, _, err = run_cli(capsys, "distill", teacher, *args, *extra, "--out", out, "--resume")
+        assert code == 2 and "own settings" in err, (teacher, extra, err)
+    assert run_cli(capsys, "distill", teacher_file, *args, "--out", out, "--resume")[0] == 0
+
+
+def test_student_scheme_knots_and_teacher_gradient(capsys, tmp_path, teacher_file):
+    from resode_export.io import save_checkpoint
+    from resode_export.network import ODENet, ODENetConfig
+
+    teacher = _teacher(teacher_file)
+    x = digits(images=True).x_test[:32]
+    wide = make_student(teacher, knots=(2, 6))  # more knots than steps: the teacher's curve at the new knots
+    assert torch.allclose(predict(wide, x), predict(teacher, x), atol=1e-5)
+    fast = tmp_path / "fast.safetensors"  # a teacher trained with an Euler-only gradient method
+    save_checkpoint(fast, ODENet(ODENetConfig(depths=(4,), widths=(8,), hidden=8, grad="adjoint_fast")),
+                    {"data": {"name": "digits"}})
+    out = tmp_path / "s.safetensors"
+    code, stdout, err = run_cli(capsys, "distill", fast, "--epochs", "2", "--schemes", "heun,euler", "--out", out,
+                                "--json")
+    assert code == 0, err
+    model, _ = load_checkpoint(out)
+    assert model.config.scheme == "heun" and model.config.grad == "backprop"
+    code, _, err = run_cli(capsys, "distill", fast, "--knots", "100000000", "--out", tmp_path / "big.safetensors")
+    assert code == 2 and "training it needs about" in err, err

@@ -272,8 +272,8 @@ def test_cli_check_says_which_options_a_fixed_graph_ignores(capsys, tmp_path):
     code, out, err = run_cli(capsys, "check", tmp_path / "s.onnx", "--depths", "4,8", "--schemes", "heun",
                              "--repeats", "3", "--limit", "20", "--json")
     assert code == 0, err
-    assert "fixed-depth graph (depth 32), so --depths is ignored" in err and "--schemes is ignored" in err
-    assert [(r["depth"], r["scheme"]) for r in json.loads(out)["rows"]] == [(32, "euler")]
+    assert "fixed-depth graph (depth 16), so --depths is ignored" in err and "--schemes is ignored" in err
+    assert [(r["depth"], r["scheme"]) for r in json.loads(out)["rows"]] == [(16, "euler")]
 
 
 def test_cli_check_refuses_foreign_and_broken_onnx(capsys, tmp_path):

@@ -65,7 +65,7 @@ def test_cli_inspect_json(capsys):
     result = json.loads(out)
     assert {"stages", "ode_like", "verdict", "min_depth"} <= set(result)
     assert result["ode_like"] is True and set(result["min_depth"]) == {"euler", "heun", "rk4"}
-    assert result["stages"][0]["depth"] == 32 and result["stages"][0]["parameters"] > 0
+    assert result["stages"][0]["depth"] == 16 and result["stages"][0]["parameters"] > 0
 
 
 def test_cli_inspect_bad_input(capsys):

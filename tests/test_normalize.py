@@ -80,6 +80,10 @@ def test_cli_image_folders_train_and_bad_folders_are_one_line(capsys, tmp_path):
     assert code == 0, err
     model, header = load_checkpoint(out)
     assert model.config.in_shape == (1, 8, 8) and header["data"]["classes"] == ["cat", "dog", "eel"]
+    Image.fromarray(np.zeros((20, 30), dtype=np.uint8)).save(root / "cat" / "big.png")  # now the sizes differ
+    code, stdout, err = run_cli(capsys, "check", out, "--data", root, "--depths", "2", "--schemes", "euler",
+                                "--repeats", "3", "--json")
+    assert code == 0 and json.loads(stdout)["rows"][0]["depth"] == 2, err  # read at the model's 8×8
     empty, single = tmp_path / "empty", tmp_path / "single"
     empty.mkdir()
     (single / "only").mkdir(parents=True)
@@ -102,3 +106,18 @@ def test_cli_warns_when_float_data_look_unnormalized(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--data", data, "--width", "8", "--depth", "2", "--epochs", "1",
                            "--normalize", "127,73", "--out", tmp_path / "n.safetensors")
     assert code == 0 and "warning:" not in err, err
+
+
+def test_normalization_of_a_converted_import_is_kept_and_torchvision_export_refuses_it(capsys, tmp_path):
+    from .tv_models import BasicBlock, ResNet, randomize_bn
+
+    net = randomize_bn(ResNet(BasicBlock, [2, 2], width=8, in_channels=1))
+    pth = tmp_path / "r.pth"
+    torch.save(net.state_dict(), pth)
+    conv = tmp_path / "c.safetensors"
+    assert run_cli(capsys, "convert", pth, "--input-size", "16", "--normalize", "0.3,0.4", "--out", conv)[0] == 0
+    assert load_checkpoint(conv)[0].config.normalize == (0.3, 0.4)
+    code, _, err = run_cli(capsys, "convert", conv, "--normalize", "0.1,0.2", "--out", tmp_path / "d.safetensors")
+    assert code == 2 and "keeps the normalization" in err, err
+    code, _, err = run_cli(capsys, "export", conv, "--format", "torchvision", "--out", tmp_path / "t.pth")
+    assert code == 2 and "no place for the model's input normalization" in err and not (tmp_path / "t.pth").exists()

@@ -153,3 +153,31 @@ def test_cli_depth_robust_bad_input(capsys, tmp_path):
         code, _, err = run_cli(capsys, "train", "--epochs", "1", "--out", out, *extra)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (extra, err)
         assert not out.exists()
+
+
+def test_cli_resume_reads_depth_factors_as_the_run_did(capsys, tmp_path, monkeypatch):
+    from resode_export import train as train_module
+
+    args = ["train", "--data", "digits", "--width", "8", "--hidden", "8", "--depths", "0.25x,0.5x", "--epochs", "2",
+            "--batch-size", "512"]
+    out = tmp_path / "f.safetensors"
+    save_state = train_module._save_state
+
+    def interrupted(path, optimizer, meta):
+        save_state(path, optimizer, meta)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save_state", interrupted)
+    assert run_cli(capsys, *args, "--out", out)[0] == 130
+    monkeypatch.setattr(train_module, "_save_state", save_state)
+    assert load_checkpoint(out)[1]["training"]["depths"] == [[8], [16]]  # factors of the default depth 32
+    code, _, err = run_cli(capsys, *args, "--out", out, "--resume")
+    assert code == 0, err
+
+
+def test_train_refuses_a_log_that_is_its_model(capsys, tmp_path):
+    model = tmp_path / "m.safetensors"
+    assert run_cli(capsys, "train", "--width", "8", "--depth", "2", "--epochs", "1", "--out", model)[0] == 0
+    before = model.read_bytes()
+    code, _, err = run_cli(capsys, "train", model, "--augment", "--log", model, "--out", tmp_path / "n.safetensors")
+    assert code == 2 and "would destroy it" in err and model.read_bytes() == before, err

@@ -158,3 +158,7 @@ def test_cli_stage_search_prints_the_depths_for_export(capsys, tmp_path):
     assert code == 0 and "recommended: --depth" in stdout, err
     code, _, err = run_cli(capsys, "check", "digits-mlp", "--stage-search", "--plot", tmp_path / "p.png")
     assert code == 2 and "--stage-search" in err and not (tmp_path / "p.png").exists()
+    graph = tmp_path / "g.onnx"
+    assert run_cli(capsys, "export", "digits-mlp", "--out", graph)[0] == 0
+    code, _, err = run_cli(capsys, "check", graph, "--stage-search")
+    assert code == 2 and "needs the model" in err, err

@@ -30,6 +30,10 @@ def check_exportable(model: ODENet) -> None:
     if model.config.scheme != "euler":
         raise ResodeError(f"a torchvision block is one Euler step; scheme {model.config.scheme!r} has no torchvision "
                           "form: export with --scheme euler (at any --depth)")
+    if model.config.normalize is not None:
+        raise ResodeError("--format torchvision writes a ResNet state dict, which has no place for the model's input "
+                          "normalization (--normalize): export onnx, pt2 or torchscript (they apply it), or convert "
+                          "the import again without --normalize and normalize the inputs yourself")
 
 
 def _bn(sd: dict, name: str, weight: Tensor, bias: Tensor) -> None:
