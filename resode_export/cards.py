@@ -34,6 +34,12 @@ def _robust_rows(training: dict, record: dict) -> list[str]:
     return rows
 
 
+def _normalization(values) -> str:
+    c = len(values) // 2
+    return (f"; then, inside the model (and every export), (x − mean) / std with mean {list(values[:c])} and std "
+            f"{list(values[c:])} (--normalize)")
+
+
 def write_model_card(checkpoint, model: ODENet, record: dict, command: str) -> Path:
     """Write ``<checkpoint>.md``: data, split, preprocessing, architecture, accuracy, command, time."""
     path = Path(checkpoint).with_suffix(".md")
@@ -50,7 +56,7 @@ def write_model_card(checkpoint, model: ODENet, record: dict, command: str) -> P
         "|---|---|",
         f"| data | {data['name']} |",
         f"| split | {data['split']} |",
-        f"| preprocessing | {data['preprocessing']} |",
+        f"| preprocessing | {data['preprocessing']}" + (_normalization(cfg.normalize) if cfg.normalize else "") + " |",
         f"| architecture | widths {list(cfg.widths)}, {cfg.field or cfg.arch} fields, {cfg.activation}"
         + (f", hidden {cfg.hidden}" if cfg.arch == "mlp" else f", stem stride {cfg.stem_stride}") + " |",
         f"| depth | {list(cfg.depths)} (knots {list(cfg.knots)}) |",
