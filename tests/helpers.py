@@ -63,3 +63,19 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
         main([str(a) for a in args])
     out = capsys.readouterr()
     return exc.value.code, out.out, out.err
+
+
+def interrupt_training(monkeypatch, epoch: int | None = None):
+    """Make training stop (KeyboardInterrupt, as Ctrl-C) right after it saves epoch ``epoch``'s state (any epoch
+    if None); returns a function that puts the normal saving back."""
+    from resode_export import train as train_module
+
+    save_state = train_module._save_state
+
+    def interrupted(path, optimizer, meta):
+        save_state(path, optimizer, meta)
+        if epoch is None or meta["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save_state", interrupted)
+    return lambda: monkeypatch.setattr(train_module, "_save_state", save_state)

@@ -14,7 +14,7 @@ from resode_export.io import load_checkpoint
 from resode_export.robust import parse_depth_choices
 from resode_export.train import TrainOptions, train
 
-from .helpers import run_cli
+from .helpers import interrupt_training, run_cli
 from .tv_models import BasicBlock, ResNet
 
 
@@ -94,7 +94,6 @@ def test_distillation_shrinks_the_gap_to_the_teacher_at_every_depth(teacher_file
 
 
 def test_cli_distills_resumes_exactly_and_reports(capsys, tmp_path, teacher_file, monkeypatch):
-    from resode_export import train as train_module
 
     args = ["distill", teacher_file, "--data", "digits-images", "--input-size", "8", "--epochs", "3", "--batch-size",
             "256", "--depths", "0.5x,1x,2x", "--json"]
@@ -111,17 +110,10 @@ def test_cli_distills_resumes_exactly_and_reports(capsys, tmp_path, teacher_file
     assert model.config.knots == (1, 3) and model.config.interp == "linear"
     assert "distilled from" in (tmp_path / "full.md").read_text()
 
-    save_state = train_module._save_state
-
-    def interrupted(path, optimizer, meta):
-        save_state(path, optimizer, meta)
-        if meta["epoch"] == 2:
-            raise KeyboardInterrupt
-
     out = tmp_path / "run.safetensors"
-    monkeypatch.setattr(train_module, "_save_state", interrupted)
+    restore = interrupt_training(monkeypatch, 2)
     assert run_cli(capsys, *args, "--out", out)[0] == 130
-    monkeypatch.setattr(train_module, "_save_state", save_state)
+    restore()
     code, _, err = run_cli(capsys, *args, "--temperature", "2", "--out", out, "--resume")
     assert code == 2 and "own settings" in err, err
     code, _, err = run_cli(capsys, *args, "--out", out, "--resume")
@@ -217,22 +209,15 @@ def test_distill_never_writes_over_its_inputs_and_checks_before_deleting(capsys,
 
 
 def test_distill_resume_refuses_another_teacher_and_student(capsys, tmp_path, teacher_file, monkeypatch):
-    from resode_export import train as train_module
 
     other = tmp_path / "other.pth"
     net = _small_image_resnet(seed=1)
     torch.save({k: v.detach() for k, v in net.state_dict().items()}, other)
     args = ["--data", "digits-images", "--input-size", "8", "--epochs", "2", "--batch-size", "512", "--depths", "1x"]
     out = tmp_path / "r.safetensors"
-    save_state = train_module._save_state
-
-    def interrupted(path, optimizer, meta):
-        save_state(path, optimizer, meta)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_save_state", interrupted)
+    restore = interrupt_training(monkeypatch)
     assert run_cli(capsys, "distill", teacher_file, *args, "--out", out)[0] == 130
-    monkeypatch.setattr(train_module, "_save_state", save_state)
+    restore()
     for teacher, extra in ((other, []), (teacher_file, ["--knots", "1,2"]), (teacher_file, ["--grad", "symplectic"])):
         code, _, err = run_cli(capsys, "distill", teacher, *args, *extra, "--out", out, "--resume")
         assert code == 2 and "own settings" in err, (teacher, extra, err)

@@ -13,7 +13,7 @@ from resode_export.network import ODENet, ODENetConfig
 from resode_export.robust import draw, extremes, parse_depth_choices, parse_schemes
 from resode_export.train import TrainOptions, augment, train
 
-from .helpers import run_cli
+from .helpers import interrupt_training, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,6 @@ def test_defaults_train_digits_at_depth_64_with_heun(capsys, tmp_path, grad):
 
 
 def test_cli_depth_robust_run_records_resumes_and_joins_check(capsys, tmp_path, monkeypatch):
-    from resode_export import train as train_module
 
     args = ["train", "--data", "digits", "--width", "8", "--hidden", "8", "--depths", "3,5", "--schemes", "euler,heun",
             "--epochs", "2", "--batch-size", "256", "--json"]
@@ -121,17 +120,10 @@ def test_cli_depth_robust_run_records_resumes_and_joins_check(capsys, tmp_path, 
     assert model.config.depths == (5,) and model.config.knots == (3,) and model.config.scheme == "euler"
     assert header["training"]["depths"] == [[3], [5]] and header["training"]["schemes"] == ["euler", "heun"]
 
-    save_state = train_module._save_state
-
-    def interrupted(path, optimizer, meta):
-        save_state(path, optimizer, meta)
-        if meta["epoch"] == 1:
-            raise KeyboardInterrupt
-
     out = tmp_path / "run.safetensors"
-    monkeypatch.setattr(train_module, "_save_state", interrupted)
+    restore = interrupt_training(monkeypatch, 1)
     assert run_cli(capsys, *args, "--out", out)[0] == 130
-    monkeypatch.setattr(train_module, "_save_state", save_state)
+    restore()
     code, _, err = run_cli(capsys, *args, "--out", out, "--resume")
     assert code == 0, err
     for (name, a), b in zip(model.state_dict().items(), load_checkpoint(out)[0].state_dict().values()):
@@ -156,20 +148,13 @@ def test_cli_depth_robust_bad_input(capsys, tmp_path):
 
 
 def test_cli_resume_reads_depth_factors_as_the_run_did(capsys, tmp_path, monkeypatch):
-    from resode_export import train as train_module
 
     args = ["train", "--data", "digits", "--width", "8", "--hidden", "8", "--depths", "0.25x,0.5x", "--epochs", "2",
             "--batch-size", "512"]
     out = tmp_path / "f.safetensors"
-    save_state = train_module._save_state
-
-    def interrupted(path, optimizer, meta):
-        save_state(path, optimizer, meta)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_save_state", interrupted)
+    restore = interrupt_training(monkeypatch)
     assert run_cli(capsys, *args, "--out", out)[0] == 130
-    monkeypatch.setattr(train_module, "_save_state", save_state)
+    restore()
     assert load_checkpoint(out)[1]["training"]["depths"] == [[8], [16]]  # factors of the default depth 32
     code, _, err = run_cli(capsys, *args, "--out", out, "--resume")
     assert code == 0, err
