@@ -162,13 +162,13 @@ def _greedy(start: tuple[int, ...], evaluate, floor: float) -> tuple[list[tuple[
     """Greedy per-stage halving from ``start``: (the path taken, every depth tuple tried, in order).
 
     ``evaluate(depths)`` gives (accuracy, latency). Each round tries every stage with depth > 1 halved
-    (floor, at least 1), the others kept; of the candidates with accuracy >= ``floor`` it moves to the
+    (rounded up: 3 → 2, so no depth is skipped), the others kept; of the candidates with accuracy >= ``floor`` it moves to the
     one of lowest latency; it stops when none qualifies. Every tuple is evaluated once.
     """
     tried, path, current = [start], [start], start
     evaluate(start)
     while True:
-        candidates = [current[:i] + (max(1, d // 2),) + current[i + 1:] for i, d in enumerate(current) if d > 1]
+        candidates = [current[:i] + ((d + 1) // 2,) + current[i + 1:] for i, d in enumerate(current) if d > 1]
         for c in candidates:
             if c not in tried:
                 tried.append(c)

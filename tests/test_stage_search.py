@@ -162,3 +162,8 @@ def test_cli_stage_search_prints_the_depths_for_export(capsys, tmp_path):
     assert run_cli(capsys, "export", "digits-mlp", "--out", graph)[0] == 0
     code, _, err = run_cli(capsys, "check", graph, "--stage-search")
     assert code == 2 and "needs the model" in err, err
+
+
+def test_odd_depths_halve_upwards_so_no_depth_is_skipped():
+    path, tried = _greedy((3,), lambda depths: (1.0, float(depths[0])), floor=0.5)
+    assert [p[0] for p in path] == [3, 2, 1]
