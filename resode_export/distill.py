@@ -226,13 +226,11 @@ def run_distillation(teacher: str | None, *, data: str | None, knots: str | None
     import time
     from pathlib import Path
 
-    from .cards import write_model_card
     from .data import data_warning
-    from .evaluate import progress_bar
     from .gradients import check_compatible
-    from .io import digest, save_checkpoint
+    from .io import digest
     from .robust import parse_depth_choices, parse_schemes
-    from .train import TrainOptions, is_writer, resolve_device, train
+    from .train import TrainOptions, is_writer, train
 
     start = time.perf_counter()
     net, header, path, dataset, unlabelled = _teacher_and_data(teacher, data, source, input_size, bn, normalize)
@@ -265,19 +263,30 @@ def run_distillation(teacher: str | None, *, data: str | None, knots: str | None
                             new_log=True)
     if not is_writer():
         return None
-    dev = resolve_device(device)
-    teacher_accuracy = accuracy(predict(net.to(dev), dataset.x_test.to(dev)), dataset.y_test)
+    result = _measure_and_write(student, net, path, dataset, record, choices, scheme_list, device, out, command)
+    return {**result, "log": str(log_path), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _measure_and_write(student: ODENet, teacher: ODENet, path, dataset: Dataset, record: dict,
+                       choices: list[list[int]], schemes: list[str], device: str, out, command: str) -> dict:
+    """The finished student measured against the teacher at every depth × scheme, then its checkpoint and card."""
+    from .cards import write_model_card
+    from .evaluate import progress_bar
+    from .io import save_checkpoint
+    from .train import resolve_device
+
+    dev, native = resolve_device(device), list(teacher.config.depths)
+    teacher_accuracy = accuracy(predict(teacher.to(dev), dataset.x_test.to(dev)), dataset.y_test)
     with progress_bar() as bar:
-        rows = depth_rows(student, net, dataset, [list(native), *[c for c in choices if c != list(native)]],
-                          scheme_list, progress=bar, device=dev)
+        rows = depth_rows(student, teacher, dataset, [native, *[c for c in choices if c != native]], schemes,
+                          progress=bar, device=dev)
     student = student.cpu()
     record["training"].update(init=f"distilled from {path}", command=command)
-    record["distilled_from"] = {"path": str(path), "depths": list(native), "scheme": net.config.scheme,
+    record["distilled_from"] = {"path": str(path), "depths": native, "scheme": teacher.config.scheme,
                                 "test_accuracy": teacher_accuracy}
     save_checkpoint(out, student, record)
     card = write_model_card(out, student, record, command)
-    return {"teacher": str(path), "teacher_accuracy": teacher_accuracy, "teacher_depth": list(native),
-            "teacher_scheme": net.config.scheme, "knots": list(student.config.knots), "rows": rows,
-            "checkpoint": str(out), "card": str(card), "log": str(log_path),
-            "device": record["training"]["device"], "seconds": round(time.perf_counter() - start, 3)}
+    return {"teacher": str(path), "teacher_accuracy": teacher_accuracy, "teacher_depth": native,
+            "teacher_scheme": teacher.config.scheme, "knots": list(student.config.knots), "rows": rows,
+            "checkpoint": str(out), "card": str(card), "device": record["training"]["device"]}
 __all__ = ["Distillation", "default_knots", "depth_rows", "fit_curve", "make_student", "run_distillation"]
