@@ -229,7 +229,7 @@ def train(
         help="Fine-tune this checkpoint instead of training a new model.", show_default=False)] = None,
     arch: Annotated[ArchName, typer.Option(help="mlp (vectors) or conv (images).")] = ArchName.mlp,
     data: Annotated[Optional[str], typer.Option(
-        help=f"{', '.join(DATASETS)}, a folder of MNIST-style IDX files, or a .npz with x_train, y_train, x_test, "
+        help=f"{', '.join(DATASETS)}, a folder of MNIST-style IDX files or of images (DIR/<class>/*, ImageFolder style), or a .npz with x_train, y_train, x_test, "
              "y_test.  [default: digits, or the model's own data]", show_default=False)] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder with Fashion-MNIST's IDX files.")] = None,
     depth: Annotated[Optional[str], typer.Option(
@@ -503,7 +503,7 @@ def check(
     schemes: Annotated[str, typer.Option(
         help="Comma list of schemes (resode models; a .onnx file has its own).")] = "euler,heun,rk4",
     data: Annotated[Optional[str], typer.Option(
-        help="digits, fashion-mnist, a folder of IDX files or an .npz. Default: the model's own.")] = None,
+        help="digits, fashion-mnist, a folder of IDX files or of images, or an .npz. Default: the model's own.")] = None,
     tolerance: Annotated[float, typer.Option(help="Accuracy points a recommendation may lose, >= 0.")] = 0.5,
     plot: Annotated[Optional[Path], typer.Option(help="Draw accuracy and latency against depth to this PNG.")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N test samples only.")] = None,
@@ -625,7 +625,7 @@ def _stage_search(ctx, source, dataset, schemes, tolerance, repeats, limit, path
 def inspect(
     model: ModelArg = None,
     data: Annotated[Optional[str], typer.Option(
-        help="digits, fashion-mnist, a folder of IDX files or an .npz. Default: the model's own.")] = None,
+        help="digits, fashion-mnist, a folder of IDX files or of images, or an .npz. Default: the model's own.")] = None,
     limit: Annotated[int, typer.Option(min=1, help="Test samples to measure on.")] = 256,
     tolerance: Annotated[float, typer.Option(
         help="Relative logit deviation from the limit ODE that a re-discretization may have.")] = 0.05,
