@@ -229,7 +229,8 @@ def train(
         help="Fine-tune this checkpoint instead of training a new model.", show_default=False)] = None,
     arch: Annotated[ArchName, typer.Option(help="mlp (vectors) or conv (images).")] = ArchName.mlp,
     data: Annotated[Optional[str], typer.Option(
-        help=f"{', '.join(DATASETS)}, a folder of MNIST-style IDX files or of images (DIR/<class>/*, ImageFolder style), or a .npz with x_train, y_train, x_test, "
+        help=f"{', '.join(DATASETS)}, a folder of MNIST-style IDX files or of images (DIR/<class>/*, ImageFolder "
+             "style), or a .npz with x_train, y_train, x_test, "
              "y_test.  [default: digits, or the model's own data]", show_default=False)] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder with Fashion-MNIST's IDX files.")] = None,
     depth: Annotated[Optional[str], typer.Option(
