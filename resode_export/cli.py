@@ -22,7 +22,7 @@ from rich.table import Table
 from . import __version__
 from .curves import INTERPOLATIONS
 from .data import DATASETS, check_samples
-from .errors import ResodeError, check_choice
+from .errors import ResodeError
 from .fields import ACTIVATIONS, BN_FORMS
 from .gradients import GRADIENTS, compatible
 from .importers.torchvision import SOURCES
@@ -421,16 +421,6 @@ def distill(
 FormatName = Enum("FormatName", {k: k for k in ("onnx", "torchscript", "pt2", "torchvision")}, type=str)
 
 
-def _int_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ResodeError(f"{what} must be a comma list of integers, got {text!r}") from None
-    if not values:
-        raise ResodeError(f"{what} is empty")
-    return values
-
-
 @app.command()
 def export(
     model: ModelArg = None,
@@ -523,6 +513,8 @@ def check(
     from .data import load_data
     from .evaluate import progress_bar
     from .export import require_onnx
+    from .newmodel import int_list
+    from .robust import parse_schemes
 
     start = time.perf_counter()
     if plot is not None:
@@ -531,11 +523,9 @@ def check(
             raise ResodeError(f"--plot writes a PNG: give a path ending in .png, got {str(plot)!r}")
     if not tolerance >= 0 or tolerance == float("inf"):
         raise ResodeError(f"--tolerance must be a finite number of accuracy points >= 0, got {tolerance:g}")
-    depth_list = list(dict.fromkeys(check_depth(d) for d in _int_list(depths, "--depths")))  # once each, in order
+    depth_list = list(dict.fromkeys(check_depth(d) for d in int_list(depths, "--depths")))  # once each, in order
     require_onnx()
-    scheme_list = list(dict.fromkeys(check_choice("scheme", s.strip(), SCHEMES) for s in schemes.split(",") if s.strip()))
-    if not scheme_list:
-        raise ResodeError("--schemes is empty; give a comma list such as euler,heun,rk4")
+    scheme_list = parse_schemes(schemes)
     if model is not None and model.lower().endswith(".onnx"):
         path = Path(model)
         if stage_search:

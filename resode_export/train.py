@@ -140,7 +140,7 @@ def is_writer() -> bool:
 
 def _distributed(device: torch.device) -> tuple[torch.device, int, int]:
     """(device, rank, world size); starts the process group under torchrun, one GPU per local rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world == 1:
         return device, 0, 1
     if device.type == "cuda":
